@@ -1,0 +1,800 @@
+"""Collect LIBERO demonstrations without a human: roll out a policy, keep successes, render.
+
+Stage 1 of the pipeline (see README): writes demos in the LIBERO / robomimic HDF5 layout
+(DESIGN.md "demos.hdf5"), so that every later stage reads ours and LIBERO's human files alike.
+
+    python collect_demos.py --task libero_spatial_0 --policy scripted --num-demos 50
+    python collect_demos.py --replay human_demo.hdf5 --image-size 128     # re-render any file
+    python collect_demos.py --report a.hdf5 b.hdf5                        # metrics side by side
+
+How it works
+  1. Rollout, no renderer: `--num-workers` processes each build a state-only LIBERO env
+     (about 25 ms a step here) and run episodes from fresh placements, `env.seed(s);
+     env.reset()` with a recorded per-episode seed. The 50 shipped init states of the task are
+     the evaluation set and are never used here. Successes are kept until `--num-demos` or
+     `--max-attempts`; the kept set is the first N successes in seed order, so a run is
+     deterministic whatever the worker timing.
+  2. Render afterwards: each kept step's saved MuJoCo state is restored in a rendering env and
+     agentview and eye-in-hand images are taken (about 0.1 s a camera frame in software EGL,
+     so only kept steps are rendered). `--no-images` skips this for state-only warm-start data.
+
+The scripted expert reads the goal from the task's BDDL (`parsed_problem["goal_state"]`) and
+the privileged simulator state: for each `On(obj, target)` / `In(obj, region)` it moves above
+the object, descends, closes the gripper, lifts, carries over the target, lowers and opens.
+Grasps come from the object's collision geometry: objects narrower than the gripper are
+grasped across their narrow horizontal axis, wider ones (bowls) by the rim.
+
+Dimension legend
+  T   steps in a demo (after the 10 unrecorded settle steps)
+  S   flattened MuJoCo state (92 for libero_spatial_0)
+  H,W image size (--image-size)
+  D   robosuite object-state width (70 for libero_spatial_0)
+
+References: LIBERO (Liu et al. 2023) for the layout, task suites and step limits; robomimic
+for `env_args`; the smoothness metrics follow DESIGN.md.
+"""
+
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+import contextlib
+import json
+import logging
+import multiprocessing as mp
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import h5py
+import numpy as np
+import tyro
+
+# robosuite warns about a missing private macro file at every import, in every worker
+logging.getLogger("robosuite_logs").addFilter(lambda record: "macro" not in record.getMessage())
+
+
+@dataclass
+class Args:
+    task: Optional[str] = None
+    """task to collect, `<suite>_<index>`: suite in libero_spatial, libero_object, libero_goal, libero_10, libero_90"""
+    policy: str = "scripted"
+    """`scripted` (privileged-state expert) or the path of an RL checkpoint (`runs/<run>/expert.pt`)"""
+    num_demos: int = 50
+    """successful demonstrations to keep"""
+    max_attempts: Optional[int] = None
+    """episodes to try at most before giving up (default: 4 x num_demos + 10)"""
+    seed: int = 0
+    """base seed: episode i starts from `env.seed(seed * 1_000_003 + i); env.reset()`"""
+    num_workers: int = 0
+    """rollout / rendering processes, each with its own env (0: one per CPU core)"""
+    out_path: Optional[str] = None
+    """output file (default: data/<task>_<source>.hdf5, or <input>_replay.hdf5 with --replay)"""
+    image_size: int = 128
+    """side of the square agentview and eye-in-hand images"""
+    no_images: bool = False
+    """write state-only demos (no rendering): enough for the state-based RL warm start"""
+    video: int = 0
+    """write upright MP4s of the first N kept demos next to the output file"""
+    replay: Optional[str] = None
+    """re-render an existing LIBERO-layout file (ours or LIBERO's own): replays `states`, drops demos that no longer succeed, fills obs/object_states"""
+    report: List[str] = field(default_factory=list)
+    """print the metrics of these HDF5 files side by side and save a comparison PNG (no collection)"""
+    report_png: str = "demo_metrics.png"
+    """where `--report` writes its plot"""
+    quiet: bool = False
+    """print only the summary, not one line per episode"""
+
+
+SUITES = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520, "libero_90": 400}
+"""suite -> step limit (the protocol of OpenVLA and openpi, after the settle steps)"""
+NUM_SETTLE_STEPS = 10
+SETTLE_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float64)
+CAMERAS = {"agentview_rgb": "agentview_image", "eye_in_hand_rgb": "robot0_eye_in_hand_image"}
+
+
+class UserError(Exception):
+    """A mistake the user can fix; main prints its message as one sentence and exits 2."""
+
+
+def resolve_task(name):
+    """`libero_spatial_0` -> dict with the suite, BDDL path, instruction, step limit and eval init states."""
+    from libero.libero import benchmark, get_libero_path
+
+    valid = ", ".join(f"{s}_0..{s}_{9 if s != 'libero_90' else 89}" for s in SUITES)
+    suite_name, _, index = (name or "").rpartition("_")
+    if suite_name not in SUITES or not index.isdigit():
+        raise UserError(f"unknown task '{name}': valid tasks are {valid}")
+    with contextlib.redirect_stdout(None):  # the benchmark prints a line about task order
+        suite = benchmark.get_benchmark_dict()[suite_name]()
+    if int(index) >= suite.n_tasks:
+        raise UserError(f"unknown task '{name}': valid tasks are {valid}")
+    task = suite.get_task(int(index))
+    return dict(
+        name=name,
+        suite=suite_name,
+        index=int(index),
+        bddl=os.path.join(get_libero_path("bddl_files"), task.problem_folder, task.bddl_file),
+        language=task.language,
+        max_steps=SUITES[suite_name],
+        init_states=suite.get_task_init_states(int(index)),
+    )
+
+
+def task_from_bddl_name(bddl_file_name):
+    """Find the `<suite>_<index>` name of a LIBERO file from its `bddl_file_name` attribute."""
+    folder = os.path.basename(os.path.dirname(bddl_file_name))
+    stem = os.path.basename(bddl_file_name)
+    from libero.libero import benchmark
+
+    for suite_name in SUITES:
+        if folder and folder != suite_name:
+            continue
+        with contextlib.redirect_stdout(None):
+            suite = benchmark.get_benchmark_dict()[suite_name]()
+        for i in range(suite.n_tasks):
+            if suite.get_task(i).bddl_file == stem:
+                return f"{suite_name}_{i}"
+    raise UserError(f"no LIBERO task has the BDDL file '{bddl_file_name}'")
+
+
+def make_env(bddl, image_size=None):
+    """A LIBERO env; with no image_size it has no renderer at all (state-only, far faster)."""
+    from libero.libero.envs.env_wrapper import ControlEnv
+
+    render = image_size is not None
+    size = image_size or 128
+    # horizon above every step limit: robosuite raises when stepped past its own horizon
+    return ControlEnv(
+        bddl_file_name=bddl, use_camera_obs=render, has_offscreen_renderer=render, horizon=2000,
+        camera_heights=size, camera_widths=size,
+    )
+
+
+def quat2axisangle(q):
+    """robosuite (x, y, z, w) quaternion -> axis-angle 3-vector."""
+    q = np.asarray(q, dtype=np.float64)
+    w = np.clip(q[3], -1.0, 1.0)
+    den = np.sqrt(1.0 - w * w)
+    return np.zeros(3) if den < 1e-8 else q[:3] * 2.0 * np.arccos(w) / den
+
+
+def quat2mat(q):
+    x, y, z, w = q
+    return np.array([
+        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+    ])
+
+
+def mat2axisangle(R):
+    angle = np.arccos(np.clip((np.trace(R) - 1) / 2, -1.0, 1.0))
+    if angle < 1e-6:
+        return np.zeros(3)
+    if angle > np.pi - 1e-4:  # axis from the diagonal near a half turn
+        axis = np.sqrt(np.maximum((np.diag(R) + 1) / 2, 0))
+        i = int(np.argmax(axis))
+        axis = R[:, i] + np.eye(3)[i]
+        return axis / np.linalg.norm(axis) * angle
+    axis = np.array([R[2, 1] - R[1, 2], R[0, 2] - R[2, 0], R[1, 0] - R[0, 1]]) / (2 * np.sin(angle))
+    return axis * angle
+
+
+def rotz(a):
+    c, s = np.cos(a), np.sin(a)
+    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+
+
+# ---------------------------------------------------------------------------------------
+# SCRIPTED EXPERT: privileged state + BDDL goal -> OSC_POSE actions
+# ---------------------------------------------------------------------------------------
+class UnsupportedGoal(Exception):
+    pass
+
+
+class ScriptedExpert:
+    """Pick-and-place state machine for every `On` / `In` in the goal, one after another."""
+
+    GRIPPER_SPAN = 0.075  # Panda fingers open to about 8 cm; keep a margin
+    POS_GAIN = 12.0  # action per metre of error (action 1 = 5 cm OSC step)
+
+    def __init__(self, env):
+        self.env = env.env
+        self.goals = []
+        for pred in self.env.parsed_problem["goal_state"]:
+            if pred[0] not in ("on", "in"):
+                raise UnsupportedGoal(f"the scripted expert cannot do the predicate '{pred[0]}' in goal {pred}")
+            self.goals.append((pred[1], pred[2]))
+        m = self.env.sim.model._model
+        self.m, self.d = m, self.env.sim.data._data
+        self.goal_idx, self.phase, self.t_phase = 0, "plan", 0
+
+    # -- geometry of bodies and sites ----------------------------------------------------
+    def _points(self, name):
+        """World-frame points of the collision geometry of object `name` (body and children)."""
+        m, d = self.m, self.d
+        root = self.env.obj_body_id[name]
+        bodies = {root}
+        for b in range(m.nbody):  # bodies are ordered parent-first
+            if m.body_parentid[b] in bodies:
+                bodies.add(b)
+        pts = []
+        for g in range(m.ngeom):
+            if m.geom_bodyid[g] not in bodies or (m.geom_contype[g] == 0 and m.geom_conaffinity[g] == 0):
+                continue
+            R, p = d.geom_xmat[g].reshape(3, 3), d.geom_xpos[g]
+            if m.geom_type[g] == 7:  # mesh: its vertices, already in the geom frame
+                mid = m.geom_dataid[g]
+                v = m.mesh_vert[m.mesh_vertadr[mid]: m.mesh_vertadr[mid] + m.mesh_vertnum[mid]]
+            else:  # primitive: corners of its local bounding box
+                c, h = m.geom_aabb[g, :3], m.geom_aabb[g, 3:]
+                v = c + h * np.array([[i, j, k] for i in (-1, 1) for j in (-1, 1) for k in (-1, 1)])
+            pts.append(p + v @ R.T)
+        if not pts:
+            return d.xpos[root][None].copy()
+        return np.concatenate(pts)
+
+    def _site(self, name):
+        site = self.env.object_sites_dict[name]
+        pos = self.env.sim.data.get_site_xpos(name).copy()
+        size = np.asarray(getattr(site, "size", [0.02, 0.02, 0.01]), dtype=np.float64)
+        return pos, size
+
+    def _plan_goal(self, obs):
+        """Grasp pose for the object and place pose over the target, from the current state."""
+        obj, target = self.goals[self.goal_idx]
+        pts = self._points(obj)
+        center_xy = (pts[:, :2].min(0) + pts[:, :2].max(0)) / 2
+        lo_z, hi_z = pts[:, 2].min(), pts[:, 2].max()
+        # horizontal principal axes of the object's footprint
+        xy = pts[:, :2] - center_xy
+        _, vecs = np.linalg.eigh(xy.T @ xy)
+        widths = [np.ptp(xy @ vecs[:, k]) for k in range(2)]
+        # candidate grasps: (point, finger closing direction, preference penalty)
+        cands = []
+        for k in range(2):
+            if widths[k] < self.GRIPPER_SPAN:  # fingers close across axis k; slide along the other
+                axis, other = vecs[:, k], vecs[:, 1 - k]
+                reach = max(widths[1 - k] / 2 - 0.01, 0.0)
+                for s in np.linspace(-1, 1, 9) * reach:
+                    z = max(hi_z - 0.035, lo_z + 0.5 * (hi_z - lo_z))
+                    cands.append((np.array([*(center_xy + s * other), z]), axis, abs(s) + 0.01 * k))
+        if not cands:  # too wide to span (a bowl): pinch the rim, preferably on the robot's side
+            for ang in np.linspace(0, 2 * np.pi, 16, endpoint=False):
+                u = np.array([np.cos(ang), np.sin(ang)])
+                rim_xy = center_xy + u * (np.max(xy @ u) - 0.012)  # the rim may be tilted: measure it
+                near = pts[np.linalg.norm(pts[:, :2] - rim_xy, axis=1) < 0.02]
+                rim_top = near[:, 2].max() if len(near) else hi_z
+                pen = 0.02 * (1 + u[0])  # u = (-1, 0) points at the robot base
+                cands.append((np.array([*rim_xy, rim_top - 0.02]), u, pen))
+        # keep the open fingers (and the hand above them) clear of every other body
+        others = np.concatenate([self._points(n) for n in self.env.obj_body_id if n != obj])
+
+        def clearance(point, u):
+            p = others[others[:, 2] > point[2] - 0.015]
+            if not len(p):
+                return 1.0
+            rel = p[:, :2] - point[:2]
+            along = rel @ u
+            hand = p[:, 2] > point[2] + 0.045  # the hand above the fingers is longer and thicker
+            half_along, half_across = np.where(hand, 0.11, 0.06), np.where(hand, 0.035, 0.012)
+            across = np.abs(rel @ np.array([-u[1], u[0]]))
+            out = np.maximum(np.abs(along) - half_along, 0.0)
+            return float(np.sqrt(out**2 + np.maximum(across - half_across, 0.0) ** 2).min())
+
+        grasp, close_dir, _ = max(cands, key=lambda c: min(clearance(c[0], c[1]), 0.03) - c[2])
+        # yaw that lines the finger axis (gripper y) up with close_dir; fingers are symmetric
+        yaw = np.arctan2(close_dir[1], close_dir[0]) - np.pi / 2
+        yaw = (yaw + np.pi / 2) % np.pi - np.pi / 2
+        self.R_grasp = rotz(yaw) @ self.R0
+        self.grasp = grasp
+        self.obj_bottom_below_grasp = grasp[2] - lo_z
+        # target: a body (plate, bowl) or a region site (basket_1_contain_region, stove...)
+        if target in self.env.obj_body_id:
+            tp = self._points(target)
+            self.place_xy = self.env.sim.data.body_xpos[self.env.obj_body_id[target]][:2].copy()
+            surface = tp[:, 2].max()
+            target_hi = surface
+        else:
+            pos, size = self._site(target)
+            self.place_xy = pos[:2]
+            parent = target.split("_")[0] + "_" + target.split("_")[1]
+            parent_hi = self._points(parent)[:, 2].max() if parent in self.env.obj_body_id else pos[2]
+            target_hi = max(parent_hi, pos[2] + size[2])
+            # 'in' a container: let go a little above its floor; 'on' a site: just above it
+            surface = pos[2] - size[2] if self.goals and self._pred() == "in" else pos[2]
+        self.release_z = surface + 0.015 + self.obj_bottom_below_grasp
+        self.carry_z = max(target_hi, hi_z) + 0.06 + self.obj_bottom_below_grasp
+
+    def _pred(self):
+        return self.env.parsed_problem["goal_state"][self.goal_idx][0]
+
+    # -- control ------------------------------------------------------------------------
+    def _move(self, obs, target_pos, R_target, gripper, max_speed=1.0):
+        pos_err = target_pos - obs["robot0_eef_pos"]
+        a = np.zeros(7)
+        a[:3] = np.clip(pos_err * self.POS_GAIN, -max_speed, max_speed)
+        R = quat2mat(obs["robot0_eef_quat"])
+        a[3:6] = np.clip(mat2axisangle(R_target @ R.T) * 2.0, -0.5, 0.5)
+        a[6] = gripper
+        return a, np.linalg.norm(pos_err)
+
+    def _place_eef_xy(self, obs):
+        """Closed loop on the held object: move the gripper so the object's body is over the target."""
+        obj = self.goals[self.goal_idx][0]
+        obj_xy = self.env.sim.data.body_xpos[self.env.obj_body_id[obj]][:2]
+        return obs["robot0_eef_pos"][:2] + (self.place_xy - obj_xy)
+
+    def act(self, obs):
+        if self.phase == "plan":
+            if not hasattr(self, "R0"):
+                self.R0 = quat2mat(obs["robot0_eef_quat"])
+            self._plan_goal(obs)
+            self.phase, self.t_phase = "above", 0
+        self.t_phase += 1
+        g, ph = self.grasp, self.phase
+        if ph == "above":
+            a, err = self._move(obs, np.array([g[0], g[1], g[2] + 0.08]), self.R_grasp, -1)
+            if err < 0.01 or self.t_phase > 80:
+                self.phase, self.t_phase = "descend", 0
+        elif ph == "descend":
+            a, err = self._move(obs, g, self.R_grasp, -1, max_speed=0.5)
+            if err < 0.006 or self.t_phase > 40:
+                self.phase, self.t_phase = "grasp", 0
+        elif ph == "grasp":
+            a, _ = self._move(obs, g, self.R_grasp, 1)
+            if self.t_phase > 12:
+                self.phase, self.t_phase = "lift", 0
+        elif ph == "lift":
+            a, err = self._move(obs, np.array([g[0], g[1], self.carry_z]), self.R_grasp, 1)
+            if abs(obs["robot0_eef_pos"][2] - self.carry_z) < 0.015 or self.t_phase > 60:
+                self.phase, self.t_phase = "carry", 0
+        elif ph == "carry":
+            xy = self._place_eef_xy(obs)
+            a, err = self._move(obs, np.array([xy[0], xy[1], self.carry_z]), self.R_grasp, 1)
+            if err < 0.01 or self.t_phase > 100:
+                self.phase, self.t_phase = "lower", 0
+        elif ph == "lower":
+            xy = self._place_eef_xy(obs)
+            a, err = self._move(obs, np.array([xy[0], xy[1], self.release_z]), self.R_grasp, 1, max_speed=0.5)
+            if err < 0.008 or self.t_phase > 50:
+                self.phase, self.t_phase = "release", 0
+        elif ph == "release":
+            a, _ = self._move(obs, obs["robot0_eef_pos"], self.R_grasp, -1)
+            a[:3] = 0
+            if self.t_phase > 8:
+                self.phase, self.t_phase = "retreat", 0
+        else:  # retreat, then the next sub-goal
+            up = obs["robot0_eef_pos"].copy()
+            up[2] = self.carry_z + 0.05
+            a, err = self._move(obs, up, self.R_grasp, -1)
+            if (err < 0.02 or self.t_phase > 30) and self.goal_idx + 1 < len(self.goals):
+                self.goal_idx, self.phase = self.goal_idx + 1, "plan"
+        return np.clip(a, -1, 1)
+
+
+# ---------------------------------------------------------------------------------------
+# POLICIES: the scripted expert, or an RL checkpoint rebuilt from its dict alone
+# ---------------------------------------------------------------------------------------
+def load_policy(spec):
+    """`scripted` -> None (an expert is built per episode); a path -> the checkpoint dict."""
+    if spec == "scripted":
+        return None
+    if not os.path.isfile(spec):
+        raise UserError(f"--policy '{spec}' is neither 'scripted' nor an existing checkpoint file")
+    raise UserError(f"rolling out checkpoints is not available yet: use --policy scripted (got '{spec}')")
+
+
+def record_step(buf, env, obs):
+    """Append the pre-action state and the LIBERO low-dim observations of this step."""
+    eef_pos, eef_quat, grip = obs["robot0_eef_pos"], obs["robot0_eef_quat"], obs["robot0_gripper_qpos"]
+    buf["states"].append(env.get_sim_state())
+    buf["robot_states"].append(np.concatenate([grip, eef_pos, eef_quat]))
+    buf["gripper_states"].append(grip)
+    buf["joint_states"].append(obs["robot0_joint_pos"])
+    buf["ee_pos"].append(eef_pos)
+    buf["ee_ori"].append(quat2axisangle(eef_quat))
+    buf["object_states"].append(obs["object-state"])
+
+
+_WORKER = {}
+
+
+def _rollout_init(task_name, policy_spec):
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    task = resolve_task(task_name)
+    _WORKER.update(task=task, env=make_env(task["bddl"]), policy=load_policy(policy_spec))
+
+
+def rollout_episode(seed):
+    """One episode from the fresh placement of `seed`; returns its arrays and whether it succeeded."""
+    env, task = _WORKER["env"], _WORKER["task"]
+    t0 = time.time()
+    env.seed(seed)
+    obs = env.reset()
+    init_state = env.get_sim_state()
+    for _ in range(NUM_SETTLE_STEPS):  # let objects settle; not recorded (LIBERO protocol)
+        obs, _, _, _ = env.step(SETTLE_ACTION)
+    expert = ScriptedExpert(env)
+    buf = {k: [] for k in ("states", "robot_states", "gripper_states", "joint_states", "ee_pos", "ee_ori", "object_states", "actions")}
+    success = False
+    for _ in range(task["max_steps"]):
+        action = expert.act(obs)
+        record_step(buf, env, obs)
+        buf["actions"].append(action)
+        obs, reward, done, _ = env.step(action)
+        if reward > 0 or done:
+            success = reward > 0
+            break
+    ep = {k: np.asarray(v) for k, v in buf.items()}
+    ep.update(seed=seed, success=success, init_state=init_state, seconds=time.time() - t0)
+    return ep
+
+
+def _render_init(task_name, image_size):
+    task = resolve_task(task_name)
+    _WORKER.update(render_env=make_env(task["bddl"], image_size=image_size))
+
+
+# ---------------------------------------------------------------------------------------
+# METRICS (DESIGN.md): smoothness per demo, summarised per file
+# ---------------------------------------------------------------------------------------
+def demo_metrics(actions, ee_pos, control_freq=20.0):
+    a = np.asarray(actions, dtype=np.float64)[:, :6]
+    p = np.asarray(ee_pos, dtype=np.float64)
+    d2 = np.diff(a, n=2, axis=0)
+    d3 = np.diff(p, n=3, axis=0) * control_freq**3
+    return dict(
+        action_jerk=float((d2**2).sum(1).mean()) if len(d2) else 0.0,
+        ee_jerk=float((d3**2).sum(1).mean()) if len(d3) else 0.0,
+        action_tv=float(np.linalg.norm(np.diff(a, axis=0), axis=1).mean()) if len(a) > 1 else 0.0,
+        path_length=float(np.linalg.norm(np.diff(p, axis=0), axis=1).sum()),
+        episode_length=float(len(a)),
+    )
+
+
+def summarize_metrics(per_demo, attempts):
+    out = {"num_demos": len(per_demo), "attempts": int(attempts),
+           "success_rate": len(per_demo) / attempts if attempts else float("nan")}
+    for k in ("action_jerk", "ee_jerk", "action_tv", "path_length", "episode_length"):
+        v = np.array([m[k] for m in per_demo], dtype=np.float64)
+        out[k] = {"mean": float(v.mean()), "std": float(v.std())} if len(v) else {"mean": float("nan"), "std": float("nan")}
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# HDF5 I/O in the LIBERO / robomimic layout, written atomically
+# ---------------------------------------------------------------------------------------
+REQUIRED_DEMO_KEYS = ("actions", "states", "obs/ee_pos")
+
+
+@contextlib.contextmanager
+def atomic_h5(path):
+    """Write to `<path>.tmp-<pid>`, rename onto `path` only if the block completes."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    f = h5py.File(tmp, "w")
+    try:
+        yield f
+        f.close()
+        os.replace(tmp, path)
+    except BaseException:
+        f.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_header(f, task, source, generator, image_size):
+    """The `data` group attributes LIBERO and robomimic readers expect."""
+    from libero.libero.envs.bddl_utils import get_problem_info
+
+    info = get_problem_info(task["bddl"])
+    data = f.require_group("data")
+    env_kwargs = dict(
+        bddl_file_name=task["bddl"], robots=["Panda"], controller="OSC_POSE", control_freq=20,
+        camera_heights=image_size, camera_widths=image_size, camera_names=["agentview", "robot0_eye_in_hand"],
+    )
+    bddl_name = "libero/libero/bddl_files/" + "/".join(task["bddl"].split(os.sep)[-2:])  # as LIBERO's files store it
+    env_kwargs["bddl_file_name"] = bddl_name
+    data.attrs["env_name"] = info["problem_name"]
+    data.attrs["problem_info"] = json.dumps(info)
+    data.attrs["bddl_file_name"] = bddl_name
+    data.attrs["bddl_file_content"] = open(task["bddl"]).read()
+    data.attrs["env_args"] = json.dumps({"env_name": info["problem_name"], "type": 1, "env_kwargs": env_kwargs})
+    data.attrs["macros_image_convention"] = "opengl"
+    data.attrs["task"] = task["name"]
+    data.attrs["source"] = source
+    data.attrs["generator"] = json.dumps(generator)
+    return data
+
+
+def write_demo(data, i, ep, images=None):
+    g = data.create_group(f"demo_{i}")
+    T = len(ep["actions"])
+    g.attrs["num_samples"] = T
+    g.attrs["init_state"] = ep["init_state"]
+    g.attrs["seed"] = int(ep.get("seed", -1))
+    g.create_dataset("actions", data=np.asarray(ep["actions"], dtype=np.float64))
+    g.create_dataset("states", data=np.asarray(ep["states"], dtype=np.float64))
+    g.create_dataset("robot_states", data=np.asarray(ep["robot_states"], dtype=np.float64))
+    rewards = np.zeros(T, dtype=np.uint8)
+    rewards[-1] = 1  # only successes are written
+    g.create_dataset("rewards", data=rewards)
+    g.create_dataset("dones", data=rewards.copy())
+    o = g.create_group("obs")
+    o.create_dataset("gripper_states", data=np.asarray(ep["gripper_states"], dtype=np.float64))
+    o.create_dataset("joint_states", data=np.asarray(ep["joint_states"], dtype=np.float64))
+    o.create_dataset("ee_pos", data=np.asarray(ep["ee_pos"], dtype=np.float64))
+    o.create_dataset("ee_ori", data=np.asarray(ep["ee_ori"], dtype=np.float64))
+    o.create_dataset("ee_states", data=np.concatenate([ep["ee_pos"], ep["ee_ori"]], 1).astype(np.float64))
+    o.create_dataset("object_states", data=np.asarray(ep["object_states"], dtype=np.float64))
+    if images is not None:
+        for key in CAMERAS:
+            o.create_dataset(key, data=images[key], compression="gzip", compression_opts=4, chunks=(1, *images[key].shape[1:]))
+
+
+def open_demos(path):
+    """Open a LIBERO-layout file for reading, or raise a UserError naming what is wrong."""
+    if not os.path.isfile(path):
+        raise UserError(f"demos file '{path}' does not exist")
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        raise UserError(f"'{path}' is not an HDF5 file")
+    if "data" not in f:
+        raise UserError(f"'{path}' is not in LIBERO layout: it has no 'data' group")
+    demos = sorted((k for k in f["data"] if k.startswith("demo_")), key=lambda k: int(k.split("_")[1]))
+    if not demos:
+        raise UserError(f"'{path}' is not in LIBERO layout: 'data' holds no demo_<i> group")
+    for key in REQUIRED_DEMO_KEYS:
+        if key not in f["data"][demos[0]]:
+            raise UserError(f"'{path}' is not in LIBERO layout: data/{demos[0]} has no '{key}'")
+    for key in ("bddl_file_name", "problem_info"):
+        if key not in f["data"].attrs:
+            raise UserError(f"'{path}' is not in LIBERO layout: data has no attribute '{key}'")
+    return f, demos
+
+
+def write_videos(path, task_name, demo_images, fps=20):
+    """Upright MP4s (the renderer's images are upside down): agentview | eye-in-hand."""
+    import imageio
+
+    base = os.path.splitext(path)[0]
+    for i, images in demo_images:
+        frames = np.concatenate([images["agentview_rgb"], images["eye_in_hand_rgb"]], axis=2)[:, ::-1, ::-1]
+        name = f"{base}_{task_name}_demo{i}.mp4"
+        imageio.mimsave(name, list(frames), fps=fps, macro_block_size=1)
+        print(f"wrote {name}")
+
+
+def report(paths, png_path):
+    """Table of the DESIGN metrics for several files (ours or LIBERO's) and a bar-chart PNG."""
+    rows = []
+    for path in paths:
+        f, demos = open_demos(path)
+        with f:
+            data = f["data"]
+            stored = json.loads(data.attrs["metrics"]) if "metrics" in data.attrs else {}
+            per_demo = [demo_metrics(data[d]["actions"][()], data[d]["obs/ee_pos"][()]) for d in demos]
+            summary = summarize_metrics(per_demo, stored.get("attempts", len(demos)))
+            source = data.attrs.get("source", "human")
+        rows.append((os.path.basename(path), str(source), summary))
+    cols = ["action_jerk", "ee_jerk", "action_tv", "path_length", "episode_length"]
+    head = f"{'file':34s} {'source':14s} {'demos':>5s} {'gen.succ':>8s} " + " ".join(f"{c:>18s}" for c in cols)
+    print(head)
+    print("-" * len(head))
+    for name, source, s in rows:
+        cells = " ".join(f"{s[c]['mean']:>9.4g} ±{s[c]['std']:<7.3g}" for c in cols)
+        print(f"{name[:34]:34s} {source[:14]:14s} {s['num_demos']:>5d} {s['success_rate']:>8.1%} {cells}")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.2))
+    for ax, c in zip(axes, cols):
+        ax.bar(range(len(rows)), [r[2][c]["mean"] for r in rows], yerr=[r[2][c]["std"] for r in rows], capsize=3,
+               color=[f"C{i}" for i in range(len(rows))])
+        ax.set_xticks(range(len(rows)), [f"{r[1]}\n{r[0][:18]}" for r in rows], fontsize=6)
+        ax.set_title(c, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    print(f"wrote {png_path}")
+
+
+def check_out_path(path):
+    out_dir = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output directory '{out_dir}': {e.strerror}")
+    if not os.access(out_dir, os.W_OK):
+        raise UserError(f"the output directory '{out_dir}' is not writable")
+
+
+def make_pool(n, init, initargs):
+    # spawn, not fork: each worker builds its own MuJoCo/EGL context (they do not survive fork)
+    return mp.get_context("spawn").Pool(n, initializer=init, initargs=initargs)
+
+
+def render_and_write(args, data, task, episodes, num_workers):
+    """Render kept episodes in parallel (or not at all) and write them in order as demo_<i>."""
+    if args.no_images:
+        for i, ep in enumerate(episodes):
+            write_demo(data, i, ep)
+        return []
+    t0, n_frames, videos, kept = time.time(), 0, [], 0
+    with make_pool(num_workers, _render_init, (task["name"], args.image_size)) as pool:
+        for ep, out in zip(episodes, pool.imap(replay_episode, [ep["states"] for ep in episodes])):
+            images = {k: out[k] for k in CAMERAS}
+            write_demo(data, kept, ep, images)
+            if kept < args.video:
+                videos.append((kept, images))
+            kept += 1
+            n_frames += len(ep["states"]) * len(CAMERAS)
+            if not args.quiet:
+                print(f"rendered demo {kept}/{len(episodes)}: {len(ep['states'])} steps, "
+                      f"{(time.time() - t0) / n_frames:.3f} s/frame over {num_workers} workers", flush=True)
+    return videos
+
+
+def collect(args, num_workers):
+    task = resolve_task(args.task)
+    load_policy(args.policy)
+    if args.policy == "scripted":
+        with contextlib.redirect_stdout(None):  # fail fast on goals the expert cannot do
+            env = make_env(task["bddl"])
+        try:
+            ScriptedExpert(env)
+        except UnsupportedGoal as e:
+            raise UserError(f"{e}; task '{task['name']}' cannot be scripted")
+        finally:
+            env.close()
+    source = "scripted" if args.policy == "scripted" else "rl"
+    out_path = args.out_path or os.path.join("data", f"{task['name']}_{source}.hdf5")
+    check_out_path(out_path)
+    max_attempts = args.max_attempts or 4 * args.num_demos + 10
+    seeds = [args.seed * 1_000_003 + i for i in range(max_attempts)]
+
+    # ROLLOUT: no renderer, parallel workers; keep the first num_demos successes in seed order
+    t0, results, kept, done_prefix = time.time(), {}, [], 0
+    env_steps, env_seconds = 0, 0.0
+    with make_pool(num_workers, _rollout_init, (task["name"], args.policy)) as pool:
+        for ep in pool.imap_unordered(rollout_episode, seeds):
+            results[ep["seed"]] = ep
+            env_steps += len(ep["actions"]) + NUM_SETTLE_STEPS
+            env_seconds += ep["seconds"]
+            while done_prefix < len(seeds) and seeds[done_prefix] in results and len(kept) < args.num_demos:
+                e = results.pop(seeds[done_prefix])
+                done_prefix += 1
+                if e["success"]:
+                    kept.append(e)
+            if not args.quiet:
+                print(f"seed {ep['seed']}: {'success' if ep['success'] else 'failure'} in {len(ep['actions'])} steps | "
+                      f"kept {len(kept)}/{args.num_demos} of {done_prefix} tried | "
+                      f"{env_steps / env_seconds:.0f} env steps/s per worker", flush=True)
+            if len(kept) >= args.num_demos:
+                pool.terminate()
+                break
+    attempts = done_prefix
+    rollout_time = time.time() - t0
+    print(f"generator success {len(kept)}/{attempts} = {len(kept) / max(attempts, 1):.1%} | rollout {rollout_time:.0f} s "
+          f"with {num_workers} workers (env build included), {env_steps / env_seconds:.0f} env steps/s per worker")
+    if not kept:
+        raise UserError(f"no episode succeeded in {attempts} attempts, so no file was written")
+    if len(kept) < args.num_demos:
+        print(f"warning: only {len(kept)} of {args.num_demos} demos after {attempts} attempts (--max-attempts)")
+
+    # RENDER kept steps only, then write atomically
+    generator = {"policy": args.policy, "seed": args.seed, "attempts": attempts, "image_size": None if args.no_images else args.image_size}
+    per_demo = [demo_metrics(ep["actions"], ep["ee_pos"]) for ep in kept]
+    metrics = summarize_metrics(per_demo, attempts)
+    with atomic_h5(out_path) as f:
+        data = write_header(f, task, source, generator, args.image_size)
+        videos = render_and_write(args, data, task, kept, num_workers)
+        data.attrs["num_demos"] = len(kept)
+        data.attrs["total"] = int(sum(len(ep["actions"]) for ep in kept))
+        data.attrs["metrics"] = json.dumps(metrics)
+    print(f"wrote {out_path}: {len(kept)} demos, {sum(len(ep['actions']) for ep in kept)} steps, "
+          f"episode length {metrics['episode_length']['mean']:.0f} ± {metrics['episode_length']['std']:.0f}")
+    write_videos(out_path, task["name"], videos)
+    return out_path
+
+
+def replay(args, num_workers):
+    """Re-render a LIBERO-layout file: restore `states`, drop demos that no longer succeed."""
+    f, demos = open_demos(args.replay)
+    with f:
+        attrs = dict(f["data"].attrs)
+        name = attrs.get("task") or task_from_bddl_name(str(attrs["bddl_file_name"]))
+        task = resolve_task(str(name))
+        episodes = []
+        for d in demos:
+            g = f["data"][d]
+            ep = {k: g[k][()] for k in ("actions", "states")}
+            ep["init_state"] = g.attrs.get("init_state", ep["states"][0])
+            ep["seed"] = int(g.attrs.get("seed", -1))
+            episodes.append(ep)
+    out_path = args.out_path or os.path.splitext(args.replay)[0] + "_replay.hdf5"
+    check_out_path(out_path)
+    size = None if args.no_images else args.image_size
+    # replay in a renderer-free env when no images are wanted: still restores every state
+    init = _render_init if size else _rollout_init
+    initargs = (task["name"], size) if size else (task["name"], "scripted")
+    t0 = time.time()
+    with make_pool(num_workers, init, initargs) as pool:
+        outs = pool.map(replay_episode, [ep["states"] for ep in episodes])
+    kept, videos = [], []
+    for ep, out in zip(episodes, outs):
+        if out.pop("success"):
+            ep.update(out)
+            kept.append(ep)
+    print(f"replayed {len(episodes)} demos in {time.time() - t0:.0f} s: {len(kept)} still succeed")
+    if not kept:
+        raise UserError(f"no demo of '{args.replay}' succeeds on replay, so no file was written")
+    per_demo = [demo_metrics(ep["actions"], ep["ee_pos"]) for ep in kept]
+    source = str(attrs.get("source", "human"))
+    generator = json.loads(attrs["generator"]) if "generator" in attrs else {"replayed_from": os.path.abspath(args.replay)}
+    with atomic_h5(out_path) as f:
+        data = write_header(f, task, source, generator, args.image_size)
+        for i, ep in enumerate(kept):
+            images = {k: ep.pop(k) for k in CAMERAS if k in ep} or None
+            write_demo(data, i, ep, images)
+            if images and i < args.video:
+                videos.append((i, images))
+        data.attrs["num_demos"] = len(kept)
+        data.attrs["total"] = int(sum(len(ep["actions"]) for ep in kept))
+        data.attrs["metrics"] = json.dumps(summarize_metrics(per_demo, len(episodes)))
+    print(f"wrote {out_path}")
+    write_videos(out_path, task["name"], videos)
+
+
+def replay_episode(states):
+    """Low-dim observations (and images, in a rendering worker) of each saved state."""
+    env = _WORKER.get("render_env") or _WORKER["env"]
+    buf = {k: [] for k in ("robot_states", "gripper_states", "joint_states", "ee_pos", "ee_ori", "object_states", "states")}
+    frames = {k: [] for k in CAMERAS}
+    for s in states:
+        obs = env.regenerate_obs_from_state(s)
+        record_step(buf, env, obs)
+        if "render_env" in _WORKER:
+            for key, cam in CAMERAS.items():
+                frames[key].append(obs[cam])
+    out = {k: np.asarray(v) for k, v in buf.items() if k != "states"}
+    if "render_env" in _WORKER:
+        out.update({k: np.asarray(v, dtype=np.uint8) for k, v in frames.items()})
+    out["success"] = bool(env.check_success())
+    return out
+
+
+def main(args):
+    num_workers = args.num_workers or os.cpu_count() or 1
+    if args.report:
+        return report(args.report, args.report_png)
+    if args.num_demos < 1:
+        raise UserError(f"--num-demos must be at least 1 (got {args.num_demos})")
+    if args.image_size < 8:
+        raise UserError(f"--image-size must be at least 8 pixels (got {args.image_size})")
+    if args.video and args.no_images:
+        raise UserError("--video needs images: drop --no-images")
+    if args.replay:
+        return replay(args, num_workers)
+    if not args.task:
+        raise UserError("give --task (e.g. --task libero_spatial_0), --replay FILE or --report FILES")
+    return collect(args, num_workers)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    try:
+        main(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: no output file was written", file=sys.stderr)
+        sys.exit(130)

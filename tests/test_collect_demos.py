@@ -1,0 +1,172 @@
+"""collect_demos.py end to end on LIBERO, with tiny arguments: 2 scripted demos at 32x32."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import collect_demos  # noqa: E402
+
+TASK = "libero_spatial_0"
+
+
+def run(*argv, timeout=900, check=True):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "collect_demos.py"), *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def demos(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("demos") / "s0.hdf5")
+    proc = run("--task", TASK, "--policy", "scripted", "--num-demos", "2", "--image-size", "32",
+               "--num-workers", "2", "--video", "1", "--out-path", path)
+    assert "generator success 2/" in proc.stdout
+    return path
+
+
+def test_schema(demos):
+    with h5py.File(demos, "r") as f:
+        data = f["data"]
+        for key in ("env_name", "problem_info", "bddl_file_name", "bddl_file_content", "env_args",
+                    "macros_image_convention", "num_demos", "total", "task", "source", "generator", "metrics"):
+            assert key in data.attrs, key
+        assert data.attrs["num_demos"] == 2 and data.attrs["task"] == TASK and data.attrs["source"] == "scripted"
+        env_args = json.loads(data.attrs["env_args"])
+        assert {"env_name", "type", "env_kwargs"} <= set(env_args)
+        assert "pick up the black bowl" in json.loads(data.attrs["problem_info"])["language_instruction"]
+        assert sorted(data) == ["demo_0", "demo_1"]
+        total = 0
+        for name in data:
+            g = data[name]
+            T = int(g.attrs["num_samples"])
+            total += T
+            assert 10 < T <= 220
+            assert g.attrs["init_state"].shape == (92,)
+            expected = {
+                "actions": ((T, 7), np.float64), "states": ((T, 92), np.float64), "robot_states": ((T, 9), np.float64),
+                "rewards": ((T,), np.uint8), "dones": ((T,), np.uint8),
+                "obs/agentview_rgb": ((T, 32, 32, 3), np.uint8), "obs/eye_in_hand_rgb": ((T, 32, 32, 3), np.uint8),
+                "obs/gripper_states": ((T, 2), np.float64), "obs/joint_states": ((T, 7), np.float64),
+                "obs/ee_pos": ((T, 3), np.float64), "obs/ee_ori": ((T, 3), np.float64),
+                "obs/ee_states": ((T, 6), np.float64), "obs/object_states": ((T, 70), np.float64),
+            }
+            for key, (shape, dtype) in expected.items():
+                assert g[key].shape == shape and g[key].dtype == dtype, (key, g[key].shape, g[key].dtype)
+            for key in ("rewards", "dones"):
+                assert g[key][-1] == 1 and g[key][:-1].sum() == 0
+            a = g["actions"][()]
+            assert np.all(a >= -1) and np.all(a <= 1)
+            assert g["obs/agentview_rgb"][()].std() > 5  # a real rendered image, not a blank
+        assert data.attrs["total"] == total
+    assert os.path.isfile(demos.replace(".hdf5", f"_{TASK}_demo0.mp4"))
+
+
+def test_states_replay_to_recorded_observations(demos):
+    task = collect_demos.resolve_task(TASK)
+    env = collect_demos.make_env(task["bddl"])
+    with h5py.File(demos, "r") as f:
+        g = f["data/demo_0"]
+        states, ee_pos, obj = g["states"][()], g["obs/ee_pos"][()], g["obs/object_states"][()]
+    for t in range(0, len(states), 7):
+        obs = env.regenerate_obs_from_state(states[t])
+        np.testing.assert_allclose(obs["robot0_eef_pos"], ee_pos[t], atol=1e-4)
+        np.testing.assert_allclose(obs["object-state"], obj[t], atol=1e-4)
+    env.regenerate_obs_from_state(states[-1])
+    env.close()
+
+
+def test_never_collects_from_eval_init_states(demos):
+    eval_states = collect_demos.resolve_task(TASK)["init_states"]
+    with h5py.File(demos, "r") as f:
+        for name in f["data"]:
+            g = f["data"][name]
+            for s in (g.attrs["init_state"], g["states"][0]):
+                dist = np.abs(eval_states - s[None]).max(1)
+                assert dist.min() > 1e-3, f"{name} starts from an eval init state"
+    # and two different seeds give two different placements
+    with h5py.File(demos, "r") as f:
+        assert not np.allclose(f["data/demo_0"].attrs["init_state"], f["data/demo_1"].attrs["init_state"])
+
+
+def test_metrics_present_and_finite(demos):
+    with h5py.File(demos, "r") as f:
+        m = json.loads(f["data"].attrs["metrics"])
+    assert m["num_demos"] == 2 and 0 < m["success_rate"] <= 1
+    for key in ("action_jerk", "ee_jerk", "action_tv", "path_length", "episode_length"):
+        assert np.isfinite(m[key]["mean"]) and np.isfinite(m[key]["std"]) and m[key]["mean"] > 0
+
+
+def test_metric_definitions():
+    a = np.zeros((5, 7))
+    a[:, 0] = [0, 1, 0, 1, 0]
+    p = np.zeros((5, 3))
+    p[:, 0] = np.arange(5) * 0.01
+    m = collect_demos.demo_metrics(a, p)
+    assert m["action_jerk"] == pytest.approx(4.0)  # second differences are +-2
+    assert m["action_tv"] == pytest.approx(1.0)
+    assert m["path_length"] == pytest.approx(0.04)
+    assert m["ee_jerk"] == pytest.approx(0.0)  # constant velocity
+    assert m["episode_length"] == 5
+
+
+def test_report_and_replay(demos, tmp_path):
+    png = str(tmp_path / "cmp.png")
+    proc = run("--report", demos, demos, "--report-png", png)
+    assert "scripted" in proc.stdout and "action_jerk" in proc.stdout and os.path.getsize(png) > 0
+    out = str(tmp_path / "replayed.hdf5")
+    proc = run("--replay", demos, "--no-images", "--num-workers", "1", "--out-path", out)
+    assert "2 still succeed" in proc.stdout
+    with h5py.File(out, "r") as f, h5py.File(demos, "r") as g:
+        assert f["data"].attrs["num_demos"] == 2 and f["data"].attrs["source"] == "scripted"
+        np.testing.assert_allclose(f["data/demo_1/obs/object_states"][()], g["data/demo_1/obs/object_states"][()], atol=1e-6)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--task", "libero_spatial_99"], "unknown task"),
+    (["--task", "libero_nowhere_0"], "unknown task"),
+    (["--task", TASK, "--num-demos", "0"], "--num-demos"),
+    (["--report", "/nonexistent/x.hdf5"], "does not exist"),
+    (["--task", TASK, "--policy", "/nonexistent/expert.pt"], "neither"),
+    (["--task", TASK, "--out-path", "/proc/forbidden/x.hdf5"], "output directory"),
+])
+def test_bad_input_is_one_sentence(argv, words):
+    proc = run(*argv, check=False, timeout=300)
+    assert proc.returncode != 0
+    err = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and words in err[0] and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_file_not_in_libero_layout_names_missing_key(tmp_path):
+    bad = str(tmp_path / "bad.hdf5")
+    with h5py.File(bad, "w") as f:
+        f.create_group("data/demo_0").create_dataset("actions", data=np.zeros((3, 7)))
+    proc = run("--report", bad, check=False)
+    assert proc.returncode != 0 and "'states'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_interrupted_run_leaves_no_file(tmp_path):
+    out = tmp_path / "interrupted.hdf5"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "collect_demos.py"), "--task", TASK, "--num-demos", "1",
+                             "--image-size", "32", "--num-workers", "1", "--out-path", str(out)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and not any(p.name.startswith("interrupted.hdf5.tmp") for p in tmp_path.iterdir()):
+        assert proc.poll() is None, "collection finished before it could be interrupted"
+        time.sleep(0.5)
+    time.sleep(1.0)  # now rendering into the temporary file
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "interrupted" in err
+    assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
