@@ -493,6 +493,8 @@ def write_header(f, task, source, generator, image_size):
     from libero.libero.envs.bddl_utils import get_problem_info
 
     info = get_problem_info(task["bddl"])
+    # the suite's instruction (the one LIBERO evaluations prompt with), not the BDDL's paraphrase
+    info["language_instruction"] = task["language"]
     data = f.require_group("data")
     env_kwargs = dict(
         bddl_file_name=task["bddl"], robots=["Panda"], controller="OSC_POSE", control_freq=20,
@@ -629,7 +631,7 @@ def render_and_write(args, data, task, episodes, num_workers):
         return []
     t0, n_frames, videos, kept = time.time(), 0, [], 0
     with make_pool(num_workers, _render_init, (task["name"], args.image_size)) as pool:
-        for ep, out in zip(episodes, pool.imap(replay_episode, [ep["states"] for ep in episodes])):
+        for ep, out in zip(episodes, pool.imap(replay_episode, [(ep["states"], ep["actions"]) for ep in episodes])):
             images = {k: out[k] for k in CAMERAS}
             write_demo(data, kept, ep, images)
             if kept < args.video:
@@ -727,7 +729,7 @@ def replay(args, num_workers):
     initargs = (task["name"], size) if size else (task["name"], "scripted")
     t0 = time.time()
     with make_pool(num_workers, init, initargs) as pool:
-        outs = pool.map(replay_episode, [ep["states"] for ep in episodes])
+        outs = pool.map(replay_episode, [(ep["states"], ep["actions"]) for ep in episodes])
     kept, videos = [], []
     for ep, out in zip(episodes, outs):
         if out.pop("success"):
@@ -753,8 +755,10 @@ def replay(args, num_workers):
     write_videos(out_path, task["name"], videos)
 
 
-def replay_episode(states):
-    """Low-dim observations (and images, in a rendering worker) of each saved state."""
+def replay_episode(states_actions):
+    """Low-dim observations (and images, in a rendering worker) of each saved state; success is
+    checked by restoring the last state and taking the last action, which ended the episode."""
+    states, actions = states_actions
     env = _WORKER.get("render_env") or _WORKER["env"]
     buf = {k: [] for k in ("robot_states", "gripper_states", "joint_states", "ee_pos", "ee_ori", "object_states", "states")}
     frames = {k: [] for k in CAMERAS}
@@ -767,6 +771,8 @@ def replay_episode(states):
     out = {k: np.asarray(v) for k, v in buf.items() if k != "states"}
     if "render_env" in _WORKER:
         out.update({k: np.asarray(v, dtype=np.uint8) for k, v in frames.items()})
+    env.regenerate_obs_from_state(states[-1])
+    env.step(actions[-1])
     out["success"] = bool(env.check_success())
     return out
 
