@@ -58,9 +58,9 @@ logging.getLogger("robosuite_logs").addFilter(lambda record: "macro" not in reco
 @dataclass
 class Args:
     task: Optional[str] = None
-    """task to collect, `<suite>_<index>`: suite in libero_spatial, libero_object, libero_goal, libero_10, libero_90"""
+    """task to collect, `<suite>_<index>`: suite in libero_spatial, libero_object, libero_goal, libero_10, libero_90 (default with a checkpoint: its task)"""
     policy: str = "scripted"
-    """`scripted` (privileged-state expert) or the path of an RL checkpoint (`runs/<run>/expert.pt`)"""
+    """`scripted` (privileged-state expert) or an RL checkpoint (`runs/<run>/expert.pt` of diffusion_ppo.py or gaussian_ppo.py)"""
     num_demos: int = 50
     """successful demonstrations to keep"""
     max_attempts: Optional[int] = None
@@ -260,14 +260,14 @@ class ScriptedExpert:
                 reach = max(widths[1 - k] / 2 - 0.01, 0.0)
                 for s in np.linspace(-1, 1, 9) * reach:
                     z = max(hi_z - 0.035, lo_z + 0.5 * (hi_z - lo_z))
-                    cands.append((np.array([*(center_xy + s * other), z]), axis, abs(s) + 0.01 * k))
+                    cands.append((np.array([*(center_xy + s * other), z]), axis, 0.2 * abs(s) + 0.002 * k))
         if not cands:  # too wide to span (a bowl): pinch the rim, preferably on the robot's side
             for ang in np.linspace(0, 2 * np.pi, 16, endpoint=False):
                 u = np.array([np.cos(ang), np.sin(ang)])
                 rim_xy = center_xy + u * (np.max(xy @ u) - 0.012)  # the rim may be tilted: measure it
                 near = pts[np.linalg.norm(pts[:, :2] - rim_xy, axis=1) < 0.02]
                 rim_top = near[:, 2].max() if len(near) else hi_z
-                pen = 0.02 * (1 + u[0])  # u = (-1, 0) points at the robot base
+                pen = 0.005 * (1 + u[0])  # u = (-1, 0) points at the robot base
                 cands.append((np.array([*rim_xy, rim_top - 0.02]), u, pen))
         # keep the open fingers (and the hand above them) clear of every other body
         others = np.concatenate([self._points(n) for n in self.env.obj_body_id if n != obj])
@@ -278,7 +278,7 @@ class ScriptedExpert:
                 return 1.0
             rel = p[:, :2] - point[:2]
             along = rel @ u
-            hand = p[:, 2] > point[2] + 0.045  # the hand above the fingers is longer and thicker
+            hand = p[:, 2] > point[2] + 0.04  # the hand above the fingers is longer and thicker
             half_along, half_across = np.where(hand, 0.11, 0.06), np.where(hand, 0.035, 0.012)
             across = np.abs(rel @ np.array([-u[1], u[0]]))
             out = np.maximum(np.abs(along) - half_along, 0.0)
@@ -317,9 +317,10 @@ class ScriptedExpert:
         a = np.zeros(7)
         a[:3] = np.clip(pos_err * self.POS_GAIN, -max_speed, max_speed)
         R = quat2mat(obs["robot0_eef_quat"])
-        a[3:6] = np.clip(mat2axisangle(R_target @ R.T) * 2.0, -0.5, 0.5)
+        a[3:6] = np.clip(mat2axisangle(R_target @ R.T) * 3.0, -1.0, 1.0)
         a[6] = gripper
-        return a, np.linalg.norm(pos_err)
+        # one error in metres and radians: a phase ends only once the yaw has turned as well
+        return a, max(np.linalg.norm(pos_err), 0.1 * np.linalg.norm(mat2axisangle(R_target @ R.T)))
 
     def _place_eef_xy(self, obs):
         """Closed loop on the held object: move the gripper so the object's body is over the target."""
@@ -334,6 +335,9 @@ class ScriptedExpert:
             self._plan_goal(obs)
             self.phase, self.t_phase = "above", 0
         self.t_phase += 1
+        self.trail = ([] if self.t_phase == 1 else self.trail[-5:]) + [obs["robot0_eef_pos"].copy()]
+        # blocked by contact (a finger on a rim, the object on the target): stop waiting
+        stalled = self.t_phase > 8 and np.linalg.norm(self.trail[-1] - self.trail[0]) < 0.002
         g, ph = self.grasp, self.phase
         if ph == "above":
             a, err = self._move(obs, np.array([g[0], g[1], g[2] + 0.08]), self.R_grasp, -1)
@@ -341,7 +345,7 @@ class ScriptedExpert:
                 self.phase, self.t_phase = "descend", 0
         elif ph == "descend":
             a, err = self._move(obs, g, self.R_grasp, -1, max_speed=0.5)
-            if err < 0.006 or self.t_phase > 40:
+            if err < 0.006 or stalled or self.t_phase > 40:
                 self.phase, self.t_phase = "grasp", 0
         elif ph == "grasp":
             a, _ = self._move(obs, g, self.R_grasp, 1)
@@ -349,7 +353,9 @@ class ScriptedExpert:
                 self.phase, self.t_phase = "lift", 0
         elif ph == "lift":
             a, err = self._move(obs, np.array([g[0], g[1], self.carry_z]), self.R_grasp, 1)
-            if abs(obs["robot0_eef_pos"][2] - self.carry_z) < 0.015 or self.t_phase > 60:
+            if np.ptp(obs["robot0_gripper_qpos"]) < 0.004 and self.t_phase > 3:  # closed on nothing: try again
+                self.phase, self.t_phase = "plan", 0
+            elif obs["robot0_eef_pos"][2] > self.carry_z - 0.03 or self.t_phase > 60:
                 self.phase, self.t_phase = "carry", 0
         elif ph == "carry":
             xy = self._place_eef_xy(obs)
@@ -359,7 +365,7 @@ class ScriptedExpert:
         elif ph == "lower":
             xy = self._place_eef_xy(obs)
             a, err = self._move(obs, np.array([xy[0], xy[1], self.release_z]), self.R_grasp, 1, max_speed=0.5)
-            if err < 0.008 or self.t_phase > 50:
+            if err < 0.008 or stalled or self.t_phase > 50:
                 self.phase, self.t_phase = "release", 0
         elif ph == "release":
             a, _ = self._move(obs, obs["robot0_eef_pos"], self.R_grasp, -1)
@@ -378,13 +384,47 @@ class ScriptedExpert:
 # ---------------------------------------------------------------------------------------
 # POLICIES: the scripted expert, or an RL checkpoint rebuilt from its dict alone
 # ---------------------------------------------------------------------------------------
+POLICY_SCRIPTS = {"diffusion_ppo": ("diffusion_ppo", "DiffusionPolicy"), "gaussian_ppo": ("gaussian_ppo", "GaussianPolicy")}
+"""checkpoint kind -> (script, policy class with `from_checkpoint(dict)` and `act(obs (B, Do)) -> (B, Te, 7)`)"""
+
+
 def load_policy(spec):
-    """`scripted` -> None (an expert is built per episode); a path -> the checkpoint dict."""
+    """`scripted` -> None (an expert is built per episode); a path -> (checkpoint dict, policy)."""
     if spec == "scripted":
         return None
     if not os.path.isfile(spec):
         raise UserError(f"--policy '{spec}' is neither 'scripted' nor an existing checkpoint file")
-    raise UserError(f"rolling out checkpoints is not available yet: use --policy scripted (got '{spec}')")
+    import importlib
+
+    import torch
+
+    try:
+        ckpt = torch.load(spec, map_location="cpu", weights_only=True)
+    except Exception:
+        raise UserError(f"'{spec}' is not a checkpoint torch.load can read with weights_only=True")
+    kind = ckpt.get("kind") if isinstance(ckpt, dict) else None
+    if kind not in POLICY_SCRIPTS:
+        raise UserError(f"'{spec}' is a checkpoint of kind '{kind}', but --policy rolls out {' or '.join(POLICY_SCRIPTS)} experts")
+    module, cls = POLICY_SCRIPTS[kind]
+    try:  # the policy class lives in the script that trained it (as CleanRL's evals import theirs)
+        policy_cls = getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError):
+        raise UserError(f"rolling out a '{kind}' checkpoint needs {module}.py beside collect_demos.py")
+    torch.set_num_threads(1)  # one core per rollout worker
+    return ckpt, policy_cls.from_checkpoint(ckpt, device="cpu")
+
+
+def chunk_actor(ckpt, policy):
+    """Per-step actions from a chunked policy: plan a chunk of act_exec actions, execute it, replan."""
+    queue = []
+
+    def act(obs):
+        if not queue:
+            state = np.concatenate([obs[k] for k in ckpt["obs_keys"]]).astype(np.float32)
+            queue.extend(np.asarray(policy.act(state[None]))[0])
+        return np.clip(queue.pop(0), -1, 1)
+
+    return act
 
 
 def record_step(buf, env, obs):
@@ -419,11 +459,12 @@ def rollout_episode(seed):
     init_state = env.get_sim_state()
     for _ in range(NUM_SETTLE_STEPS):  # let objects settle; not recorded (LIBERO protocol)
         obs, _, _, _ = env.step(SETTLE_ACTION)
-    expert = ScriptedExpert(env)
+    policy = _WORKER["policy"]
+    act = ScriptedExpert(env).act if policy is None else chunk_actor(*policy)
     buf = {k: [] for k in ("states", "robot_states", "gripper_states", "joint_states", "ee_pos", "ee_ori", "object_states", "actions")}
     success = False
     for _ in range(task["max_steps"]):
-        action = expert.act(obs)
+        action = act(obs)
         record_step(buf, env, obs)
         buf["actions"].append(action)
         obs, reward, done, _ = env.step(action)
@@ -645,8 +686,14 @@ def render_and_write(args, data, task, episodes, num_workers):
 
 
 def collect(args, num_workers):
+    policy = load_policy(args.policy)
+    if policy is not None and args.task is None:
+        args.task = policy[0]["task"]
+    if args.task is None:
+        raise UserError("give --task (e.g. --task libero_spatial_0), --replay FILE or --report FILES")
     task = resolve_task(args.task)
-    load_policy(args.policy)
+    if policy is not None and policy[0]["task"] != task["name"]:
+        raise UserError(f"the checkpoint was trained on {policy[0]['task']}, not on {task['name']}")
     if args.policy == "scripted":
         with contextlib.redirect_stdout(None):  # fail fast on goals the expert cannot do
             env = make_env(task["bddl"])
@@ -656,7 +703,7 @@ def collect(args, num_workers):
             raise UserError(f"{e}; task '{task['name']}' cannot be scripted")
         finally:
             env.close()
-    source = "scripted" if args.policy == "scripted" else "rl"
+    source = "scripted" if policy is None else policy[0]["kind"]
     out_path = args.out_path or os.path.join("data", f"{task['name']}_{source}.hdf5")
     check_out_path(out_path)
     max_attempts = args.max_attempts or 4 * args.num_demos + 10
@@ -693,6 +740,10 @@ def collect(args, num_workers):
 
     # RENDER kept steps only, then write atomically
     generator = {"policy": args.policy, "seed": args.seed, "attempts": attempts, "image_size": None if args.no_images else args.image_size}
+    if policy is not None:
+        ckpt = policy[0]
+        generator.update(checkpoint=os.path.abspath(args.policy), kind=ckpt["kind"], iteration=int(ckpt["iteration"]),
+                         env_steps=int(ckpt["env_steps"]), eval_success=float(ckpt["eval_success"]), args=ckpt["args"])
     per_demo = [demo_metrics(ep["actions"], ep["ee_pos"]) for ep in kept]
     metrics = summarize_metrics(per_demo, attempts)
     with atomic_h5(out_path) as f:
@@ -772,9 +823,25 @@ def replay_episode(states_actions):
     if "render_env" in _WORKER:
         out.update({k: np.asarray(v, dtype=np.uint8) for k, v in frames.items()})
     env.regenerate_obs_from_state(states[-1])
+    restore_controller_state(env, actions[:-1])
     env.step(actions[-1])
     out["success"] = bool(env.check_success())
     return out
+
+
+def restore_controller_state(env, past_actions):
+    """Make stepping from a restored MuJoCo state match the original rollout: robosuite's arm
+    controller caches the robot state it last read (refreshed only after it has run once), and its
+    gripper integrates the command (+-0.01 per physics substep, clipped to [-1, 1]); neither is in
+    the snapshot. Force the refresh and rebuild the gripper command from the actions taken so far."""
+    raw = env.env
+    robot = raw.robots[0]
+    robot.controller.new_update = True
+    substeps = int(round(raw.control_timestep / raw.model_timestep))
+    command = np.zeros(2)
+    for a in np.sign(np.asarray(past_actions)[:, -1]):
+        command = np.clip(command + np.array([-1.0, 1.0]) * robot.gripper.speed * a * substeps, -1.0, 1.0)
+    robot.gripper.current_action = command
 
 
 def main(args):
@@ -789,8 +856,6 @@ def main(args):
         raise UserError("--video needs images: drop --no-images")
     if args.replay:
         return replay(args, num_workers)
-    if not args.task:
-        raise UserError("give --task (e.g. --task libero_spatial_0), --replay FILE or --report FILES")
     return collect(args, num_workers)
 
 

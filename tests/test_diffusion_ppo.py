@@ -1,0 +1,218 @@
+"""Tests of diffusion_ppo.py: a tiny end-to-end run on the CPU, its resume, the user errors, and the maths.
+
+The end-to-end run starts with no demos file, so the script collects two scripted demos with
+collect_demos.py, behaviour-clones one epoch, evaluates, runs one PPO iteration with updates of
+both actor and critic, and writes its checkpoints (about a minute on two cores).
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "diffusion_ppo.py")
+sys.path.insert(0, ROOT)
+
+import diffusion_ppo as dp  # noqa: E402
+
+TINY = ["--num-envs", "2", "--num-steps", "3", "--bc-epochs", "1", "--eval-episodes", "2",
+        "--max-episode-steps", "8", "--critic-warmup-iters", "0", "--update-epochs", "2"]
+DESIGN_KEYS = {"kind", "task", "obs_dim", "act_dim", "obs_horizon", "act_horizon", "act_exec", "denoising_steps",
+               "ft_denoising_steps", "beta_schedule", "min_std", "normalizer", "model", "ema", "critic", "args",
+               "iteration", "env_steps", "eval_success"}
+
+
+def run(args, cwd, timeout=600):
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One tiny run in a fresh directory without demos: returns (cwd, run_dir, stdout)."""
+    cwd = tmp_path_factory.mktemp("tiny")
+    r = run(["--num-demos", "2", "--total-iterations", "1", *TINY], cwd)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (run_dir,) = (cwd / "runs").iterdir()
+    return cwd, run_dir, r.stdout
+
+
+def test_tiny_run_collects_demos_and_writes_checkpoints(tiny_run):
+    cwd, run_dir, stdout = tiny_run
+    assert "collecting 2 scripted demos with collect_demos.py" in stdout
+    assert (cwd / "data" / "libero_spatial_0_scripted.hdf5").is_file()
+    assert "iter 0 (BC)" in stdout and "iter 1/1" in stdout
+    assert any(f.name.startswith("events.out.tfevents") for f in run_dir.iterdir())
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("bc_success", "final_success", "best_success"):
+        assert 0.0 <= summary[key] <= 1.0
+    assert summary["best_success"] >= max(summary["bc_success"], summary["final_success"])
+    assert summary["env_steps"] == 2 * 3 * 4  # 2 envs x 3 chunks x 4 actions; nothing succeeds in 8 steps
+    assert summary["wall_time"] > 0
+    assert summary["actor_grad_steps"] >= 1 and summary["critic_grad_steps"] >= 1
+
+    for name in ("last.pt", "expert.pt"):
+        ckpt = torch.load(run_dir / name, weights_only=True)
+        assert DESIGN_KEYS <= set(ckpt), DESIGN_KEYS - set(ckpt)
+        assert ckpt["kind"] == "diffusion_ppo" and ckpt["task"] == "libero_spatial_0"
+        assert (ckpt["obs_dim"], ckpt["act_dim"], ckpt["obs_horizon"]) == (109, 7, 1)
+        assert ckpt["args"]["num_envs"] == 2
+    last = torch.load(run_dir / "last.pt", weights_only=True)
+    assert last["iteration"] == 1
+    # the fine-tuned copy moved away from the frozen BC denoiser it started as
+    assert any(not torch.equal(last["model"][f"actor.{k}"], last["model"][f"actor_ft.{k}"])
+               for k in last["ema"])
+
+    # a consumer rebuilds the policy from the dict alone
+    policy = dp.DiffusionPolicy.from_checkpoint(last)
+    actions = policy.act(np.zeros((3, last["obs_dim"]), np.float32))
+    assert actions.shape == (3, last["act_exec"], 7)
+    assert np.all(actions >= policy.act_min.numpy() - 1e-6) and np.all(actions <= policy.act_max.numpy() + 1e-6)
+
+
+def test_resume_continues_the_run(tiny_run):
+    cwd, run_dir, _ = tiny_run
+    r = run(["--resume", str(run_dir / "last.pt"), "--total-iterations", "2", *TINY], cwd)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "resumed" in r.stdout and "iter 2/2" in r.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["iteration"] == 2 and summary["env_steps"] == 2 * (2 * 3 * 4)
+    assert [h[0] for h in summary["eval_history"]] == [0, 1, 2]
+
+
+def assert_one_sentence_error(r, *words):
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    message = r.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: ")
+    for word in words:
+        assert word in message
+
+
+def test_unknown_task_is_one_sentence(tmp_path, capsys):
+    r = run(["--task", "libero_spatial_10"], tmp_path)
+    assert_one_sentence_error(r, "libero_spatial_10", "libero_spatial", "libero_90", "0-89")
+    for task in ("libero_foo_0", "spatial", "libero_90_90"):
+        with pytest.raises(SystemExit) as exc:
+            dp.parse_task(task)
+        assert exc.value.code != 0 and task in capsys.readouterr().err
+    assert dp.parse_task("libero_10_9") == ("libero_10", 9) and dp.parse_task("libero_90_89") == ("libero_90", 89)
+
+
+def test_missing_demos_file_is_one_sentence(tmp_path):
+    r = run(["--demos-path", str(tmp_path / "nope.hdf5")], tmp_path)
+    assert_one_sentence_error(r, "nope.hdf5", "--demos-path")
+
+
+def test_checkpoint_of_another_kind_is_one_sentence(tmp_path):
+    path = tmp_path / "gauss.pt"
+    torch.save({"kind": "gaussian_ppo", "task": "libero_spatial_0"}, path)
+    r = run(["--resume", str(path)], tmp_path)
+    assert_one_sentence_error(r, "gaussian_ppo", "diffusion_ppo")
+
+
+# ---- maths ----
+
+
+def tiny_policy(K=6, K_ft=3):
+    torch.manual_seed(0)
+    obs_dim, act_dim = 5, 2
+    return dp.DiffusionPolicy(obs_dim, act_dim, 3, 2, K, K_ft, 32, 0.1, 3.0, np.zeros(obs_dim), np.ones(obs_dim),
+                              -np.ones(act_dim), np.ones(act_dim))
+
+
+def test_chain_log_prob_matches_torch_normal():
+    policy, K, K_ft = tiny_policy(), 6, 3
+    obs = torch.randn(4, 5)
+    chunk, chain = policy.sample(obs, explore=True)
+    assert chain.shape == (4, K_ft + 1, 3, 2) and torch.equal(chain[:, -1], chunk)
+
+    # DDPM posterior of each fine-tuned step, written out independently of the module
+    s, k = 0.008, np.arange(K + 1)
+    f = np.cos((k / K + s) / (1 + s) * np.pi / 2) ** 2
+    betas = np.concatenate([[0.0], np.clip(1 - f[1:] / f[:-1], 0, 0.999)])
+    ab = np.cumprod(1 - betas)
+    expected = torch.zeros(4)
+    with torch.no_grad():
+        for i in range(K_ft):
+            step = K_ft - i  # chain[:, i] is x_step, chain[:, i + 1] is x_{step - 1}
+            x = chain[:, i]
+            eps = policy.actor_ft(x, torch.full((4,), step), obs)
+            x0 = ((x - math.sqrt(1 - ab[step]) * eps) / math.sqrt(ab[step])).clamp(-1, 1)
+            mean = (betas[step] * math.sqrt(ab[step - 1]) * x0 + (1 - ab[step - 1]) * math.sqrt(1 - betas[step]) * x) / (1 - ab[step])
+            std = max(math.sqrt(betas[step] * (1 - ab[step - 1]) / (1 - ab[step])), 0.1)
+            expected += torch.distributions.Normal(mean, std).log_prob(chain[:, i + 1]).sum(dim=(-1, -2))
+        got = policy.chain_log_prob(obs, chain)
+    assert got.shape == (4, K_ft, 3, 2)
+    torch.testing.assert_close(got.sum(dim=(1, 2, 3)), expected, rtol=1e-4, atol=1e-3)
+
+
+def test_plain_sampling_ends_without_noise_and_in_range():
+    policy = tiny_policy()
+    assert policy.post_std[1].item() == 0.0  # p(x_0 | x_1) is deterministic without the exploration floor
+    chunk, _ = policy.sample(torch.randn(8, 5), explore=False)
+    assert chunk.abs().max() <= 1.0
+
+
+def test_gae_matches_hand_worked_case():
+    # env 0 succeeds at the last step (terminated); env 1 is truncated after step 1 and bootstraps V(final obs) = 0.9
+    rewards = torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, 0.0]])
+    values = torch.tensor([[0.5, 0.5], [0.6, 0.6], [0.7, 0.7]])
+    next_values = torch.tensor([[0.6, 0.6], [0.7, 0.9], [0.0, 0.8]])
+    terminated = torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, 0.0]])
+    dones = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    adv, ret = dp.gae(rewards, values, next_values, terminated, dones, gamma=0.9, lam=0.8)
+    # env 0: A2 = 1 - 0.7 = 0.3; A1 = 0.9*0.7 - 0.6 + 0.72*0.3 = 0.246; A0 = 0.9*0.6 - 0.5 + 0.72*0.246 = 0.21712
+    # env 1: A2 = 0.9*0.8 - 0.7 = 0.02; A1 = 0.9*0.9 - 0.6 = 0.21 (trace cut); A0 = 0.04 + 0.72*0.21 = 0.1912
+    torch.testing.assert_close(adv, torch.tensor([[0.21712, 0.1912], [0.246, 0.21], [0.3, 0.02]]))
+    torch.testing.assert_close(ret, adv + values)
+
+
+def test_clip_schedule_and_denoising_discount_end_points():
+    clips = dp.clip_schedule(10, 0.001, 0.01, 3.0)
+    assert clips.shape == (10,)
+    assert clips[0].item() == pytest.approx(0.001) and clips[-1].item() == pytest.approx(0.01)
+    assert torch.all(clips[1:] > clips[:-1])
+    # exponential, not linear: the midpoint sits below the average of the end points
+    assert dp.clip_schedule(3, 0.001, 0.01, 3.0)[1].item() < 0.0055
+    discount = dp.denoising_discount(10, 0.99)
+    assert discount[-1].item() == 1.0 and discount[0].item() == pytest.approx(0.99**9)
+
+
+def test_wilson_interval():
+    low, high = dp.wilson_interval(0, 50)
+    assert low == pytest.approx(0.0, abs=1e-12) and high == pytest.approx(0.0713, abs=1e-4)
+    low, high = dp.wilson_interval(25, 50)
+    assert low + high == pytest.approx(1.0) and low == pytest.approx(0.3664, abs=1e-4)
+    assert dp.wilson_interval(50, 50)[1] == pytest.approx(1.0)
+
+
+def run_collect(args, cwd, timeout=600):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "collect_demos.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_collect_demos_rolls_out_the_checkpoint(tiny_run, tmp_path):
+    """The tiny policy succeeds nowhere: collect_demos.py says so in one sentence and writes nothing."""
+    _, run_dir, _ = tiny_run
+    out = tmp_path / "rl.hdf5"
+    r = run_collect(["--policy", str(run_dir / "expert.pt"), "--num-demos", "1", "--max-attempts", "1",
+                     "--no-images", "--num-workers", "1", "--out-path", str(out)], tmp_path)
+    assert "seed 0: failure in 220 steps" in r.stdout, r.stdout + r.stderr  # the task came from the checkpoint
+    assert_one_sentence_error(r, "no episode succeeded")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_collect_demos_rejects_other_checkpoints(tiny_run, tmp_path):
+    _, run_dir, _ = tiny_run
+    torch.save({"kind": "vla", "task": ["libero_spatial_0"]}, tmp_path / "vla.pt")
+    r = run_collect(["--policy", str(tmp_path / "vla.pt"), "--task", "libero_spatial_0"], tmp_path)
+    assert_one_sentence_error(r, "kind 'vla'")
+    r = run_collect(["--policy", str(run_dir / "expert.pt"), "--task", "libero_object_0"], tmp_path)
+    assert_one_sentence_error(r, "trained on libero_spatial_0")
