@@ -285,9 +285,12 @@ class ScriptedExpert:
             return float(np.sqrt(out**2 + np.maximum(across - half_across, 0.0) ** 2).min())
 
         grasp, close_dir, _ = max(cands, key=lambda c: min(clearance(c[0], c[1]), 0.03) - c[2])
-        # yaw that lines the finger axis (gripper y) up with close_dir; fingers are symmetric
+        # yaw that lines the finger axis (gripper y) up with close_dir; the fingers are symmetric, so
+        # yaw and yaw +- pi grasp alike: take the smaller turn that keeps the wrist joint (which turns
+        # by about -yaw, limit +-2.9 rad) well inside its range
         yaw = np.arctan2(close_dir[1], close_dir[0]) - np.pi / 2
         yaw = (yaw + np.pi / 2) % np.pi - np.pi / 2
+        yaw = min((yaw, yaw + np.pi, yaw - np.pi), key=lambda y: abs(y) + 10 * max(abs(self.wrist0 - y) - 2.0, 0.0))
         self.R_grasp = rotz(yaw) @ self.R0
         self.grasp = grasp
         self.obj_bottom_below_grasp = grasp[2] - lo_z
@@ -332,6 +335,7 @@ class ScriptedExpert:
         if self.phase == "plan":
             if not hasattr(self, "R0"):
                 self.R0 = quat2mat(obs["robot0_eef_quat"])
+                self.wrist0 = obs["robot0_joint_pos"][6]
             self._plan_goal(obs)
             self.phase, self.t_phase = "above", 0
         self.t_phase += 1
@@ -354,9 +358,13 @@ class ScriptedExpert:
         elif ph == "lift":
             a, err = self._move(obs, np.array([g[0], g[1], self.carry_z]), self.R_grasp, 1)
             if np.ptp(obs["robot0_gripper_qpos"]) < 0.004 and self.t_phase > 3:  # closed on nothing: try again
-                self.phase, self.t_phase = "plan", 0
+                self.phase, self.t_phase = "regrasp", 0
             elif obs["robot0_eef_pos"][2] > self.carry_z - 0.03 or self.t_phase > 60:
                 self.phase, self.t_phase = "carry", 0
+        elif ph == "regrasp":  # open and back off while the dropped object comes to rest, then re-plan
+            a, _ = self._move(obs, np.array([g[0], g[1], g[2] + 0.08]), self.R_grasp, -1)
+            if self.t_phase > 10:
+                self.phase, self.t_phase = "plan", 0
         elif ph == "carry":
             xy = self._place_eef_xy(obs)
             a, err = self._move(obs, np.array([xy[0], xy[1], self.carry_z]), self.R_grasp, 1)

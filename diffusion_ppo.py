@@ -5,7 +5,7 @@ official LIBERO human file: only `actions` and `states` are used, the state obse
 rebuilt by restoring each saved MuJoCo state). Pretrains a DDPM action-chunk policy on it, then
 fine-tunes the last K' denoising steps with PPO over the denoising chain (DPPO) on LIBERO's
 sparse task-success reward, evaluating on the task's 50 standard init states. Writes
-runs/<run_name>/{expert.pt (best by eval), last.pt, summary.json, TensorBoard events}; the
+runs/<run_name>/{expert.pt (best by eval), last.pt, summary.json, success.png, TensorBoard events}; the
 checkpoint is the self-describing dict of DESIGN.md "Checkpoints", kind "diffusion_ppo".
 
     python diffusion_ppo.py --task libero_spatial_0
@@ -169,6 +169,8 @@ class Args:
     """gradient-norm clip of the fine-tuned denoiser (a safety net; DPPO's robomimic configs leave it off)"""
     critic_warmup_iters: int = 2
     """first iterations update only the critic (DPPO can config n_critic_warmup_itr 2)"""
+    time_limit_min: Optional[float] = None
+    """stop fine-tuning once this many minutes of wall time (BC and evaluations included) have passed, with a last evaluation"""
 
 
 SUITE_SIZES = {"libero_spatial": 10, "libero_object": 10, "libero_goal": 10, "libero_10": 10, "libero_90": 90}
@@ -614,6 +616,27 @@ def evaluate(policy, envs, init_states):
     return successes
 
 
+def plot_eval_history(history, path, title):
+    """Evaluation success against env steps and against wall time, side by side, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h = np.asarray(history, dtype=np.float64)  # rows: iteration, env steps, wall seconds, success
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), sharey=True)
+    for ax, x, label in ((axes[0], h[:, 1], "env steps"), (axes[1], h[:, 2] / 60, "wall time (min)")):
+        ax.plot(x, h[:, 3], "o-")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("success on the init states")
+    axes[0].set_ylim(-0.02, 1.02)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def load_resume(path, task):
     if not os.path.isfile(path):
         fail(f"--resume '{path}' does not exist: pass a runs/<run>/last.pt")
@@ -758,6 +781,7 @@ if __name__ == "__main__":
         rate, ci = successes / len(init_states), list(wilson_interval(successes, len(init_states)))
         stats.update(eval_success=rate, eval_ci=ci)
         stats["eval_history"].append([stats["iteration"], stats["env_steps"], wall_offset + time.time() - start_time, rate])
+        plot_eval_history(stats["eval_history"], os.path.join(run_dir, "success.png"), f"{args.task}, {args.exp_name}")
         for tag, value in {"success_rate": rate, "ci_low": ci[0], "ci_high": ci[1]}.items():
             writer.add_scalar(f"eval/{tag}", value, stats["env_steps"])
         if rate > stats["best_success"]:
@@ -782,7 +806,10 @@ if __name__ == "__main__":
     clip_coefs = clip_schedule(K_ft, args.clip_coef_base, args.clip_coef, CLIP_COEF_RATE).to(device)
     discounts = denoising_discount(K_ft, args.gamma_denoising).to(device)
 
-    while stats["iteration"] < args.total_iterations:
+    def out_of_time():
+        return args.time_limit_min is not None and wall_offset + time.time() - start_time > 60 * args.time_limit_min
+
+    while stats["iteration"] < args.total_iterations and not out_of_time():
         stats["iteration"] += 1
         it_start, env_time, it_steps, ep_success, ep_len = time.time(), 0.0, 0, [], []
         for t in range(T):
@@ -874,7 +901,7 @@ if __name__ == "__main__":
         if logs["policy_loss"]:
             line += (f", pg {charts['losses/policy_loss']:.5f} kl {charts['losses/approx_kl']:.5f} "
                      f"clipfrac {charts['losses/clipfrac']:.3f}")
-        if stats["iteration"] % args.eval_every == 0 or stats["iteration"] == args.total_iterations:
+        if stats["iteration"] % args.eval_every == 0 or stats["iteration"] == args.total_iterations or out_of_time():
             line += " | " + run_eval()
             next_obs, _ = envs.reset()
             scaler.ret[:] = 0

@@ -48,6 +48,7 @@ def test_tiny_run_collects_demos_and_writes_checkpoints(tiny_run):
     assert (cwd / "data" / "libero_spatial_0_scripted.hdf5").is_file()
     assert "iter 0 (BC)" in stdout and "iter 1/1" in stdout
     assert any(f.name.startswith("events.out.tfevents") for f in run_dir.iterdir())
+    assert (run_dir / "success.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     summary = json.loads((run_dir / "summary.json").read_text())
     for key in ("bc_success", "final_success", "best_success"):
