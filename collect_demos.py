@@ -359,11 +359,15 @@ class ScriptedExpert:
             a, err = self._move(obs, np.array([g[0], g[1], self.carry_z]), self.R_grasp, 1)
             if np.ptp(obs["robot0_gripper_qpos"]) < 0.004 and self.t_phase > 3:  # closed on nothing: try again
                 self.phase, self.t_phase = "regrasp", 0
+                self.obj_last = np.full(3, np.inf)
             elif obs["robot0_eef_pos"][2] > self.carry_z - 0.03 or self.t_phase > 60:
                 self.phase, self.t_phase = "carry", 0
-        elif ph == "regrasp":  # open and back off while the dropped object comes to rest, then re-plan
+        elif ph == "regrasp":  # open and back off until the dropped object is at rest, then re-plan
             a, _ = self._move(obs, np.array([g[0], g[1], g[2] + 0.08]), self.R_grasp, -1)
-            if self.t_phase > 10:
+            obj_pos = self.d.xpos[self.env.obj_body_id[self.goals[self.goal_idx][0]]].copy()
+            at_rest = self.t_phase > 2 and np.linalg.norm(obj_pos - self.obj_last) < 0.001
+            self.obj_last = obj_pos
+            if at_rest or self.t_phase > 10:
                 self.phase, self.t_phase = "plan", 0
         elif ph == "carry":
             xy = self._place_eef_xy(obs)
