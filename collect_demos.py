@@ -42,6 +42,7 @@ import contextlib
 import json
 import logging
 import multiprocessing as mp
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -525,6 +526,15 @@ def summarize_metrics(per_demo, attempts):
 REQUIRED_DEMO_KEYS = ("actions", "states", "obs/ee_pos")
 
 
+_interrupted = False
+
+
+def _on_sigint(signum, frame):
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
 def atomic_h5(path):
     """Write to `<path>.tmp-<pid>`, rename onto `path` only if the block completes."""
@@ -533,6 +543,8 @@ def atomic_h5(path):
     try:
         yield f
         f.close()
+        if _interrupted:  # a Ctrl-C that Python swallowed (one landing in a destructor) still stops the rename
+            raise KeyboardInterrupt
         os.replace(tmp, path)
     except BaseException:
         f.close()
@@ -873,6 +885,7 @@ def main(args):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    signal.signal(signal.SIGINT, _on_sigint)
     try:
         main(args)
     except UserError as e:

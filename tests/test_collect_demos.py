@@ -78,12 +78,13 @@ def test_states_replay_to_recorded_observations(demos):
     with h5py.File(demos, "r") as f:
         g = f["data/demo_0"]
         states, ee_pos, obj = g["states"][()], g["obs/ee_pos"][()], g["obs/object_states"][()]
-    # robosuite's observables lag the final physics substep of env.step by one substep (2 ms),
-    # so the recorded observation (what the policy saw) differs from the state's by < 1 mm
+    # robosuite's observables lag the final physics substep of env.step by one substep (2 ms), so
+    # the recorded observation (what the policy saw) differs from the state's by what moves in 2 ms:
+    # < 2 mm for the arm (OSC moves it < 1 m/s), a few mm for an object that is falling or pushed
     for t in range(0, len(states), 7):
         obs = env.regenerate_obs_from_state(states[t])
         np.testing.assert_allclose(obs["robot0_eef_pos"], ee_pos[t], atol=2e-3)
-        np.testing.assert_allclose(obs["object-state"], obj[t], atol=2e-3)
+        np.testing.assert_allclose(obs["object-state"], obj[t], atol=5e-3)
     env.regenerate_obs_from_state(states[-1])
     env.close()
 
@@ -172,6 +173,6 @@ def test_interrupted_run_leaves_no_file(tmp_path):
     time.sleep(1.0)  # now rendering into the temporary file
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0
+    assert proc.returncode != 0, err
     assert "interrupted" in err
     assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
