@@ -14,6 +14,10 @@ Rolling a checkpoint out elsewhere (collect_demos.py, eval_libero.py), from the 
     policy = DiffusionPolicy.from_checkpoint(torch.load(path, weights_only=True), device)
     actions = policy.act(state_obs(raw_obs)[None])[0]  # (Te, 7) env actions, executed in order
 
+Code between `# --- begin copied block: <name> ---` and its end marker is copied, unchanged, in
+gaussian_ppo.py (environments, critic, GAE, evaluation, checkpoint I/O), so the two methods differ
+only in the policy; tests/test_gaussian_ppo.py holds the copies together.
+
 References: Ren et al. 2024, "Diffusion Policy Policy Optimization" (arXiv 2409.00588) and its
 robomimic state configs (cfg/robomimic/{pretrain,finetune}/can/*_diffusion_mlp.yaml); Ho et al.
 2020 (DDPM); Nichol & Dhariwal 2021 (cosine schedule); Chi et al. 2023 (Diffusion Policy:
@@ -173,6 +177,13 @@ class Args:
     """stop fine-tuning once this many minutes of wall time (BC and evaluations included) have passed, with a last evaluation"""
 
 
+KIND = "diffusion_ppo"  # the checkpoint kind this script writes and resumes
+TIME_DIM = 16  # sinusoidal time embedding of the denoiser (DPPO can config time_dim 16)
+EMA_EVERY, EMA_START_EPOCH = 10, 20  # gradient steps between EMA updates; epochs of plain copy first (DPPO pretrain)
+CLIP_COEF_RATE = 3.0  # exponential rate of the PPO clip's growth across denoising steps (DPPO clip_ploss_coef_rate 3)
+
+
+# --- begin copied block: tasks and environments ---
 SUITE_SIZES = {"libero_spatial": 10, "libero_object": 10, "libero_goal": 10, "libero_10": 10, "libero_90": 90}
 STEP_LIMITS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520, "libero_90": 400}
 """control steps per episode after the settle steps (the protocol of OpenVLA and openpi)"""
@@ -180,10 +191,6 @@ NUM_SETTLE_STEPS = 10
 SETTLE_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float64)
 OBS_KEYS = ("robot0_proprio-state", "object-state")
 ACT_DIM = 7
-TIME_DIM = 16  # sinusoidal time embedding of the denoiser (DPPO can config time_dim 16)
-CRITIC_HIDDEN = 256  # critic width (DPPO can config: residual [256, 256, 256], Mish)
-EMA_EVERY, EMA_START_EPOCH = 10, 20  # gradient steps between EMA updates; epochs of plain copy first (DPPO pretrain)
-CLIP_COEF_RATE = 3.0  # exponential rate of the PPO clip's growth across denoising steps (DPPO clip_ploss_coef_rate 3)
 
 
 def fail(message):
@@ -287,6 +294,7 @@ def make_vector_env(bddl, obs_dim, args, max_episode_steps):
     return gym.vector.AsyncVectorEnv(
         [thunk for _ in range(args.num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
     )
+# --- end copied block: tasks and environments ---
 
 
 # networks: DPPO's residual MLPs, the DDPM schedule, and the policy that samples and scores chains
@@ -298,6 +306,7 @@ def sinusoidal_embedding(k, dim):  # (B,) -> (B, dim), as in transformers and DD
     return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
+# --- begin copied block: residual block ---
 class ResidualBlock(nn.Module):
     """DPPO's TwoLayerPreActivationResNetLinear: x + W2 mish(W1 mish(x))."""
 
@@ -307,6 +316,7 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x):
         return x + self.l2(F.mish(self.l1(F.mish(x))))
+# --- end copied block: residual block ---
 
 
 class DiffusionMLP(nn.Module):
@@ -325,6 +335,10 @@ class DiffusionMLP(nn.Module):
         return self.out(self.block(self.inp(h))).view(x.shape)
 
 
+# --- begin copied block: critic ---
+CRITIC_HIDDEN = 256  # critic width (DPPO can config: residual [256, 256, 256], Mish)
+
+
 class Critic(nn.Module):
     """V(s) on the normalised state, DPPO's CriticObs with residual_style=True."""
 
@@ -334,6 +348,7 @@ class Critic(nn.Module):
 
     def forward(self, obs):  # (B, Do) -> (B,)
         return self.net(obs).squeeze(-1)
+# --- end copied block: critic ---
 
 
 def cosine_schedule(K, s=0.008):
@@ -465,6 +480,7 @@ def ppo_log_prob(policy, obs, chain, act_exec):
     return policy.chain_log_prob(obs, chain)[..., :act_exec, :].clamp(-5, 2).mean(dim=(-1, -2))
 
 
+# --- begin copied block: gae ---
 def gae(rewards, values, next_values, terminated, dones, gamma, lam):
     """GAE over (T, N) arrays. next_values[t] is V of the observation that followed step t (the
     final observation when the episode ended); terminated cuts the bootstrap, dones cut the trace."""
@@ -474,6 +490,7 @@ def gae(rewards, values, next_values, terminated, dones, gamma, lam):
         last = delta + gamma * lam * (1 - dones[t]) * last
         adv[t] = last
     return adv, adv + values
+# --- end copied block: gae ---
 
 
 def clip_schedule(K_ft, base, final, rate):
@@ -489,6 +506,7 @@ def denoising_discount(K_ft, gamma_denoising):
     return gamma_denoising ** torch.arange(K_ft - 1, -1, -1, dtype=torch.float32)
 
 
+# --- begin copied block: wilson interval and reward scaling ---
 def wilson_interval(successes, n, z=1.96):
     """95% Wilson score interval of a success rate."""
     if n == 0:
@@ -522,11 +540,13 @@ class RewardScaler:
 
     def load_state_dict(self, d):
         self.mean, self.var, self.count = d["mean"], d["var"], d["count"]
+# --- end copied block: wilson interval and reward scaling ---
 
 
 # warm-start data
 
 
+# --- begin copied block: warm-start data ---
 def find_or_collect_demos(args):
     """--demos-path, else data/<task>_scripted.hdf5, collected by collect_demos.py when missing."""
     if args.demos_path is not None:
@@ -595,14 +615,16 @@ def action_chunks(actions, act_horizon):
     """(T, Da) -> (T, Ta, Da): the chunk starting at each step, padded with the demo's last action."""
     padded = np.concatenate([actions, np.repeat(actions[-1:], act_horizon - 1, axis=0)])
     return np.stack([padded[t : t + act_horizon] for t in range(len(actions))])
+# --- end copied block: warm-start data ---
 
 
 # evaluation and resuming
 
 
+# --- begin copied block: evaluation and resuming ---
 @torch.no_grad()
 def evaluate(policy, envs, init_states):
-    """Run one episode from each init state (plain DDPM sampling); returns the number of successes."""
+    """Run one episode from each init state with the deterministic policy (explore=False); returns the number of successes."""
     n = envs.num_envs
     envs.set_attr("eval_queue", [list(init_states[i::n]) for i in range(n)])
     obs, _ = envs.reset()
@@ -645,11 +667,12 @@ def load_resume(path, task):
     except Exception:
         fail(f"--resume '{path}' is not a checkpoint this script can read: pass a runs/<run>/last.pt")
     kind = ckpt.get("kind") if isinstance(ckpt, dict) else None
-    if kind != "diffusion_ppo":
-        fail(f"--resume '{path}' is a checkpoint of kind '{kind}', not 'diffusion_ppo': pass a last.pt written by this script")
+    if kind != KIND:
+        fail(f"--resume '{path}' is a checkpoint of kind '{kind}', not '{KIND}': pass a last.pt written by this script")
     if ckpt["task"] != task:
         fail(f"--resume '{path}' is a run on {ckpt['task']}: pass --task {ckpt['task']}")
     return ckpt
+# --- end copied block: evaluation and resuming ---
 
 
 if __name__ == "__main__":
@@ -764,7 +787,7 @@ if __name__ == "__main__":
     def save(name):
         """Checkpoint dict (DESIGN.md): rebuilds the policy alone, and resumes the run."""
         stats["wall_time"] = wall_offset + time.time() - start_time
-        ckpt = dict(kind="diffusion_ppo", task=args.task, **policy.config(), max_episode_steps=max_episode_steps,
+        ckpt = dict(kind=KIND, task=args.task, **policy.config(), max_episode_steps=max_episode_steps,
                     model={k: v.cpu() for k, v in policy.state_dict().items()}, ema=bc_ema_state,
                     critic={k: v.cpu() for k, v in critic.state_dict().items()},
                     optimizers={"actor": actor_opt.state_dict(), "critic": critic_opt.state_dict()},

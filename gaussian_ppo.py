@@ -1,0 +1,855 @@
+"""Gaussian policy on one LIBERO task: behaviour cloning warm start, then PPO on the success reward.
+
+The control of the method (DESIGN.md stage 2b): the same pipeline as diffusion_ppo.py with the
+diffusion policy replaced by a Gaussian one, as in DPPO's Gaussian baseline. Reads a demos file
+in the "demos.hdf5" layout (only `actions` and `states` are used), pretrains the mean of an
+action-chunk Gaussian by maximum likelihood, then fine-tunes mean and log-std with PPO on
+LIBERO's sparse task-success reward, evaluating on the task's 50 standard init states. Writes
+runs/<run_name>/{expert.pt (best by eval), last.pt, summary.json, success.png, TensorBoard events};
+the checkpoint is the self-describing dict of DESIGN.md "Checkpoints", kind "gaussian_ppo".
+
+    python gaussian_ppo.py --task libero_spatial_0
+
+Rolling a checkpoint out elsewhere (collect_demos.py, eval_libero.py), from the dict alone:
+    policy = GaussianPolicy.from_checkpoint(torch.load(path, weights_only=True), device)
+    actions = policy.act(state_obs(raw_obs)[None])[0]  # (Te, 7) env actions, executed in order
+
+Code between `# --- begin copied block: <name> ---` and its end marker is copied, unchanged, from
+diffusion_ppo.py (environments, critic, GAE, evaluation, checkpoint I/O): the warm start, the
+rollouts, the advantages, the PPO loop and the evaluation are the same, only the policy differs.
+tests/test_gaussian_ppo.py holds the copies together.
+
+References: Ren et al. 2024, "Diffusion Policy Policy Optimization" (arXiv 2409.00588), its
+Gaussian baseline and robomimic state configs (cfg/robomimic/finetune/can/ft_ppo_gaussian_mlp.yaml);
+Schulman et al. 2017 (PPO); CleanRL ppo_continuous_action.py (script layout, GAE).
+
+Dimension legend
+  B   batch (envs while rolling out, samples in an update)
+  To  observation horizon (1: the current state only)
+  Ta  actions predicted per chunk (act_horizon)
+  Te  actions executed per chunk (act_exec <= Ta); one env "chunk step" is Te control steps
+  Do  state observation width, robot0_proprio-state ++ object-state (109 for libero_spatial_0)
+  Da  action width (7: OSC_POSE deltas, gripper -1 open / +1 closed)
+
+Horizon diagram (To = 1, Ta = Te = 4):
+  control step:   t    t+1  t+2  t+3 | t+4
+  observation:    o                  | o      <- the next chunk is planned from o_{t+4}
+  predicted:      a    a    a    a   |
+  executed:       a    a    a    a   |
+
+The chunk is one Gaussian action of the MDP: a ~ N(mu(s), diag(sigma^2)) over (Ta, Da), with
+sigma state-independent and learned, kept in [0.01, 0.2]. Its log-probability (the per-element
+mean, as DPPO scores it) enters the PPO ratio.
+"""
+
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # before anything imports mujoco
+
+import copy
+import json
+import math
+import random
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Optional
+
+import gymnasium as gym
+import h5py
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+# LIBERO is imported inside the functions that build environments: it takes seconds and prints
+# robosuite banners, which `--help`, user errors and `from gaussian_ppo import GaussianPolicy`
+# need not pay for.
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of torch, numpy, random and of the training placements (never the eval init states)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """use CUDA when it is present"""
+    torch_threads: int = 1
+    """CPU threads for torch: the env workers need the other cores, and oversubscribed cores make small matmuls ~30x slower"""
+    track: bool = False
+    """log to Weights and Biases as well as TensorBoard"""
+    wandb_project_name: str = "libero-diffusion-rl"
+    """the W&B project with --track"""
+    out_dir: str = "runs"
+    """runs are written to <out_dir>/<run_name>/"""
+    task: str = "libero_spatial_0"
+    """LIBERO task, <suite>_<index> (libero_spatial, libero_object, libero_goal, libero_10: 0-9; libero_90: 0-89)"""
+    demos_path: Optional[str] = None
+    """LIBERO-layout demos for the warm start (default data/<task>_scripted.hdf5, collected with collect_demos.py when missing)"""
+    num_demos: int = 10
+    """demos for behaviour cloning: the first N of the file, or how many a missing default file gets. Few, so BC is weak"""
+    resume: Optional[str] = None
+    """a last.pt to continue from (policy, critic, optimisers, iteration, env steps, RNG); BC is skipped"""
+
+    # environment and evaluation
+    num_envs: int = 4
+    """parallel rollout workers (AsyncVectorEnv); DPPO's can config uses 50 on a GPU node"""
+    max_episode_steps: Optional[int] = None
+    """control steps before truncation (default: the suite's limit, 220 for libero_spatial)"""
+    eval_episodes: int = 50
+    """episodes of each evaluation, on the first N of the task's 50 standard init states"""
+    eval_every: int = 10
+    """evaluate every N PPO iterations (DPPO val_freq 10) and after the last one"""
+
+    # policy shape
+    act_horizon: int = 4
+    """Ta, actions predicted per chunk (DPPO can config horizon_steps 4)"""
+    act_exec: int = 4
+    """Te, actions executed per chunk (DPPO can config act_steps 4)"""
+    hidden_dim: int = 768
+    """mean network width, the same residual MLP trunk as diffusion_ppo.py's denoiser (DPPO's can config: [512, 512, 512])"""
+    init_std: float = 0.1
+    """sigma of the BC likelihood and the fine-tuning start (DPPO can config fixed_std 0.1)"""
+    min_std: float = 0.01
+    """lower bound of the learned sigma (DPPO can config std_min 0.01)"""
+    max_std: float = 0.2
+    """upper bound of the learned sigma (DPPO can config std_max 0.2)"""
+    randn_clip: float = 3.0
+    """sampled noise clipped to +-this many sigma (DPPO can config randn_clip_value 3)"""
+
+    # behaviour cloning
+    bc_epochs: int = 2000
+    """passes over the demos (the same budget as diffusion_ppo.py)"""
+    bc_batch_size: int = 256
+    """BC minibatch (DPPO pretrain batch_size 256)"""
+    bc_lr: float = 1e-4
+    """peak BC learning rate (DPPO pretrain learning_rate 1e-4)"""
+    bc_min_lr: float = 1e-5
+    """end of the cosine BC schedule (DPPO pretrain min_lr 1e-5; its 100 warm-up steps are left out)"""
+    bc_weight_decay: float = 1e-6
+    """AdamW weight decay for BC (DPPO pretrain weight_decay 1e-6)"""
+    ema_decay: float = 0.995
+    """EMA decay of the BC weights; the EMA weights are what RL starts from (DPPO ema.decay 0.995)"""
+
+    # PPO fine-tuning
+    total_iterations: int = 300
+    """PPO iterations (DPPO can config n_train_itr 300)"""
+    num_steps: Optional[int] = None
+    """chunk steps per env per iteration (default: one episode, max_episode_steps / act_exec)"""
+    gamma: float = 0.999
+    """environment discount per chunk step (DPPO can config gamma 0.999)"""
+    gae_lambda: float = 0.95
+    """GAE lambda (DPPO can config gae_lambda 0.95)"""
+    clip_coef: float = 0.01
+    """PPO ratio clip (DPPO Gaussian can config clip_ploss_coef 0.01)"""
+    actor_lr: float = 1e-5
+    """mean network and log-std learning rate (DPPO Gaussian can config actor_lr 1e-5, constant)"""
+    critic_lr: float = 1e-3
+    """critic learning rate (DPPO can config critic_lr 1e-3)"""
+    update_epochs: int = 10
+    """passes over each iteration's batch (DPPO can config update_epochs 10)"""
+    num_minibatches: int = 2
+    """minibatches per pass (DPPO can config: 50 envs x 300 steps / batch_size 7500 = 2)"""
+    vf_coef: float = 0.5
+    """value-loss weight (DPPO can config vf_coef 0.5)"""
+    target_kl: float = 1.0
+    """stop the iteration's updates once the approximate KL exceeds this (DPPO can config target_kl 1)"""
+    max_grad_norm: float = 1.0
+    """gradient-norm clip of the actor (a safety net, as in diffusion_ppo.py; DPPO's robomimic configs leave it off)"""
+    critic_warmup_iters: int = 2
+    """first iterations update only the critic (DPPO can config n_critic_warmup_itr 2)"""
+    time_limit_min: Optional[float] = None
+    """stop fine-tuning once this many minutes of wall time (BC and evaluations included) have passed, with a last evaluation"""
+
+
+KIND = "gaussian_ppo"  # the checkpoint kind this script writes and resumes
+EMA_EVERY, EMA_START_EPOCH = 10, 20  # gradient steps between EMA updates; epochs of plain copy first (DPPO pretrain)
+
+
+# --- begin copied block: tasks and environments ---
+SUITE_SIZES = {"libero_spatial": 10, "libero_object": 10, "libero_goal": 10, "libero_10": 10, "libero_90": 90}
+STEP_LIMITS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520, "libero_90": 400}
+"""control steps per episode after the settle steps (the protocol of OpenVLA and openpi)"""
+NUM_SETTLE_STEPS = 10
+SETTLE_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float64)
+OBS_KEYS = ("robot0_proprio-state", "object-state")
+ACT_DIM = 7
+
+
+def fail(message):
+    """A mistake the user can fix: one sentence on stderr, no traceback, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_task(task):
+    """'libero_spatial_0' -> ('libero_spatial', 0), or exit with the list of valid names."""
+    suite, _, index = task.rpartition("_")
+    if suite not in SUITE_SIZES or not index.isdigit() or int(index) >= SUITE_SIZES[suite]:
+        fail(
+            f"unknown task '{task}': use <suite>_<index> with libero_spatial, libero_object, libero_goal "
+            "or libero_10 and index 0-9, or libero_90 and index 0-89 (e.g. libero_spatial_0)"
+        )
+    return suite, int(index)
+
+
+def task_bddl_and_init_states(task):
+    """The task's BDDL file path and its 50 standard init states (the evaluation set)."""
+    from libero.libero import benchmark, get_libero_path
+
+    suite_name, index = parse_task(task)
+    suite = benchmark.get_benchmark_dict()[suite_name]()
+    t = suite.get_task(index)
+    bddl = os.path.join(get_libero_path("bddl_files"), t.problem_folder, t.bddl_file)
+    return bddl, np.asarray(suite.get_task_init_states(index), dtype=np.float64)
+
+
+def make_control_env(bddl, horizon):
+    """State-only LIBERO env; hard_reset=False makes reset ~0.05 s instead of ~0.7 s, same placements."""
+    from libero.libero.envs.env_wrapper import ControlEnv
+
+    return ControlEnv(
+        bddl_file_name=bddl, use_camera_obs=False, has_offscreen_renderer=False, horizon=horizon, hard_reset=False
+    )
+
+
+def state_obs(raw):
+    """robosuite observation dict -> (Do,) float32 state: robot0_proprio-state ++ object-state."""
+    return np.concatenate([raw[k] for k in OBS_KEYS]).astype(np.float32)
+
+
+class LiberoStateEnv(gym.Env):
+    """One LIBERO task as a gymnasium env whose step executes one action chunk of Te actions.
+
+    Resets go to a fresh placement from this env's seeded generator, or, while `eval_queue` is a
+    list, to its next init state (idle, with no physics, once it is empty). Both are followed by
+    the 10 settle steps. Success ends the episode as `terminated` with reward 1, the step limit
+    as `truncated`. The MuJoCo env is built on the first reset, i.e. inside the worker process:
+    AsyncVectorEnv's throw-away copy in the parent never builds one.
+    """
+
+    def __init__(self, bddl, obs_dim, act_exec, max_episode_steps):
+        self.bddl, self.max_episode_steps = bddl, max_episode_steps
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (act_exec, ACT_DIM), np.float32)
+        self.env, self.eval_queue, self.idle, self.t = None, None, False, 0
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        if self.env is None:  # robosuite raises when stepped past its horizon: keep it out of reach
+            self.env = make_control_env(self.bddl, self.max_episode_steps + NUM_SETTLE_STEPS + 10)
+        self.idle, self.t = False, 0
+        if self.eval_queue is not None:
+            if not self.eval_queue:
+                self.idle = True
+                return np.zeros(self.observation_space.shape, np.float32), {}
+            self.env.reset()
+            raw = self.env.set_init_state(self.eval_queue.pop(0))
+        else:
+            self.env.seed(int(self.np_random.integers(2**31 - 1)))
+            raw = self.env.reset()
+        for _ in range(NUM_SETTLE_STEPS):
+            raw, _, _, _ = self.env.step(SETTLE_ACTION)
+        return state_obs(raw), {}
+
+    def step(self, action):
+        if self.idle:
+            return np.zeros(self.observation_space.shape, np.float32), 0.0, False, False, {"steps": 0, "t": 0}
+        success, steps = False, 0
+        for a in action:
+            raw, reward, _, _ = self.env.step(np.asarray(a, dtype=np.float64))
+            steps, self.t = steps + 1, self.t + 1
+            success = reward >= 1.0
+            if success or self.t >= self.max_episode_steps:
+                break
+        truncated = not success and self.t >= self.max_episode_steps
+        return state_obs(raw), float(success), success, truncated, {"steps": steps, "t": self.t}
+
+    def close(self):
+        if self.env is not None:
+            self.env.close()
+            self.env = None
+
+
+def make_vector_env(bddl, obs_dim, args, max_episode_steps):
+    """Same-step autoreset: a finished env's last observation arrives in info['final_obs']."""
+    thunk = partial(LiberoStateEnv, bddl, obs_dim, args.act_exec, max_episode_steps)
+    return gym.vector.AsyncVectorEnv(
+        [thunk for _ in range(args.num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
+    )
+# --- end copied block: tasks and environments ---
+
+# networks: DPPO's residual MLPs, and the Gaussian chunk policy
+
+
+# --- begin copied block: residual block ---
+class ResidualBlock(nn.Module):
+    """DPPO's TwoLayerPreActivationResNetLinear: x + W2 mish(W1 mish(x))."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return x + self.l2(F.mish(self.l1(F.mish(x))))
+# --- end copied block: residual block ---
+
+class MeanMLP(nn.Module):
+    """mu(s) of the chunk: the denoiser's residual trunk of diffusion_ppo.py without x_k and k (DPPO's Gaussian_MLP)."""
+
+    def __init__(self, obs_dim, act_dim, act_horizon, hidden_dim):
+        super().__init__()
+        self.act_horizon, self.act_dim = act_horizon, act_dim
+        self.inp = nn.Linear(obs_dim, hidden_dim)
+        self.block = ResidualBlock(hidden_dim)
+        self.out = nn.Linear(hidden_dim, act_horizon * act_dim)
+
+    def forward(self, obs):  # (B, Do) -> (B, Ta, Da)
+        return self.out(self.block(self.inp(obs))).view(-1, self.act_horizon, self.act_dim)
+
+
+# --- begin copied block: critic ---
+CRITIC_HIDDEN = 256  # critic width (DPPO can config: residual [256, 256, 256], Mish)
+
+
+class Critic(nn.Module):
+    """V(s) on the normalised state, DPPO's CriticObs with residual_style=True."""
+
+    def __init__(self, obs_dim, hidden_dim=CRITIC_HIDDEN):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(obs_dim, hidden_dim), ResidualBlock(hidden_dim), nn.Linear(hidden_dim, 1))
+
+    def forward(self, obs):  # (B, Do) -> (B,)
+        return self.net(obs).squeeze(-1)
+# --- end copied block: critic ---
+
+class GaussianPolicy(nn.Module):
+    """Action-chunk Gaussian N(mu(s), diag(sigma^2)) with a state-independent learned sigma
+    (`actor_ft`, the mean network, named after diffusion_ppo.py's fine-tuned denoiser). Works in normalised units
+    (obs z-scored, actions in [-1, 1]); `act` wraps it for raw observations and env-unit actions.
+
+    Rebuild from a checkpoint dict alone with `GaussianPolicy.from_checkpoint(ckpt)`.
+    """
+
+    def __init__(self, obs_dim, act_dim, act_horizon, act_exec, hidden_dim, init_std, min_std, max_std, randn_clip,
+                 obs_mean, obs_std, act_min, act_max):
+        super().__init__()
+        self.obs_dim, self.act_dim, self.act_horizon, self.act_exec = obs_dim, act_dim, act_horizon, act_exec
+        self.hidden_dim, self.init_std, self.min_std, self.max_std, self.randn_clip = hidden_dim, init_std, min_std, max_std, randn_clip
+        self.actor_ft = MeanMLP(obs_dim, act_dim, act_horizon, hidden_dim)
+        self.log_std = nn.Parameter(torch.full((act_horizon, act_dim), math.log(init_std)))
+        buffers = {"obs_mean": obs_mean, "obs_std": obs_std, "act_min": act_min, "act_max": act_max}
+        for name, value in buffers.items():  # not in state_dict: rebuilt from the checkpoint fields
+            self.register_buffer(name, torch.as_tensor(value, dtype=torch.float32), persistent=False)
+
+    def config(self):
+        """Checkpoint fields that rebuild this policy (with `model` = state_dict())."""
+        return dict(
+            obs_dim=self.obs_dim, act_dim=self.act_dim, obs_horizon=1, act_horizon=self.act_horizon,
+            act_exec=self.act_exec, hidden_dim=self.hidden_dim, init_std=self.init_std, min_std=self.min_std,
+            max_std=self.max_std, randn_clip=self.randn_clip, obs_keys=list(OBS_KEYS),
+            normalizer={k: getattr(self, k).cpu() for k in ("obs_mean", "obs_std", "act_min", "act_max")},
+        )
+
+    @classmethod
+    def from_checkpoint(cls, c, device="cpu"):
+        """The policy of a checkpoint dict (torch.load(path, weights_only=True)), in eval mode on `device`."""
+        policy = cls(c["obs_dim"], c["act_dim"], c["act_horizon"], c["act_exec"], c["hidden_dim"], c["init_std"],
+                     c["min_std"], c["max_std"], c["randn_clip"], **c["normalizer"])
+        policy.load_state_dict(c["model"])
+        return policy.to(device).eval()
+
+    def normalize_obs(self, obs):
+        return ((obs - self.obs_mean) / self.obs_std).clamp(-10, 10)  # states far outside the demos stay bounded
+
+    def normalize_action(self, a):
+        return 2 * (a - self.act_min) / (self.act_max - self.act_min) - 1
+
+    def unnormalize_action(self, a):
+        return (a + 1) / 2 * (self.act_max - self.act_min) + self.act_min
+
+    def project_std(self):
+        """Keep sigma in [min_std, max_std] after each optimiser step (a projection, so gradients never vanish at a bound)."""
+        with torch.no_grad():
+            self.log_std.clamp_(math.log(self.min_std), math.log(self.max_std))
+
+    @torch.no_grad()
+    def sample(self, obs, explore):
+        """Normalised obs (B, Do) -> chunk (B, Ta, Da) clipped to [-1, 1] for the env, and the sample
+        (B, 1, Ta, Da) that `chain_log_prob` scores (noise clipped at +-randn_clip sigma, not yet at [-1, 1]).
+        explore=False returns the mean."""
+        mean = self.actor_ft(obs)
+        if not explore:
+            return mean.clamp(-1, 1), mean[:, None]
+        noise = torch.randn_like(mean).clamp(-self.randn_clip, self.randn_clip)
+        a = mean + self.log_std.exp() * noise
+        return a.clamp(-1, 1), a[:, None]
+
+    def chain_log_prob(self, obs, sample):
+        """Per-element log N(a; mu(s), sigma^2): obs (B, Do), sample (B, 1, Ta, Da) -> (B, 1, Ta, Da).
+        The "chain" has one step, so the PPO loop is the same as diffusion_ppo.py's."""
+        mean, log_std = self.actor_ft(obs)[:, None], self.log_std
+        return -((sample - mean) ** 2) / (2 * (2 * log_std).exp()) - log_std - 0.5 * math.log(2 * math.pi)
+
+    @torch.no_grad()
+    def act(self, obs, explore=False):
+        """Raw state observations (B, Do), see `state_obs` -> executed chunk (B, Te, Da) in env units, numpy."""
+        obs = torch.as_tensor(np.asarray(obs), dtype=torch.float32, device=self.obs_mean.device)
+        chunk, _ = self.sample(self.normalize_obs(obs), explore)
+        return self.unnormalize_action(chunk[:, : self.act_exec]).cpu().numpy()
+
+
+def ppo_log_prob(policy, obs, sample, act_exec):
+    """(B, 1) log-probabilities for the PPO ratio, as DPPO's Gaussian baseline computes them: the
+    per-element mean of the chunk's log-likelihood, clamped to [-5, 2] (its clip 0.01 is tuned for
+    this scale). Only the executed Te actions count, as in diffusion_ppo.py."""
+    return policy.chain_log_prob(obs, sample)[..., :act_exec, :].mean(dim=(-1, -2)).clamp(-5, 2)
+
+
+# small maths, each held by a unit test
+
+
+# --- begin copied block: gae ---
+def gae(rewards, values, next_values, terminated, dones, gamma, lam):
+    """GAE over (T, N) arrays. next_values[t] is V of the observation that followed step t (the
+    final observation when the episode ended); terminated cuts the bootstrap, dones cut the trace."""
+    adv, last = torch.zeros_like(rewards), torch.zeros_like(rewards[0])
+    for t in reversed(range(len(rewards))):
+        delta = rewards[t] + gamma * next_values[t] * (1 - terminated[t]) - values[t]
+        last = delta + gamma * lam * (1 - dones[t]) * last
+        adv[t] = last
+    return adv, adv + values
+# --- end copied block: gae ---
+
+# --- begin copied block: wilson interval and reward scaling ---
+def wilson_interval(successes, n, z=1.96):
+    """95% Wilson score interval of a success rate."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+
+
+class RewardScaler:
+    """Divides rewards by the running std of the discounted return (DPPO's RunningRewardScaler)."""
+
+    def __init__(self, num_envs, gamma, clip=10.0):
+        self.gamma, self.clip = gamma, clip
+        self.ret, self.mean, self.var, self.count = np.zeros(num_envs), 0.0, 1.0, 1e-4
+
+    def __call__(self, rewards, dones):  # (T, N) numpy
+        rets = np.zeros_like(rewards)
+        for t in range(len(rewards)):
+            self.ret = self.ret * self.gamma + rewards[t]
+            rets[t] = self.ret
+            self.ret = self.ret * (1 - dones[t])
+        delta, n = rets.mean() - self.mean, rets.size
+        total = self.count + n
+        self.var = (self.var * self.count + rets.var() * n + delta**2 * self.count * n / total) / total
+        self.mean, self.count = self.mean + delta * n / total, total
+        return np.clip(rewards / np.sqrt(self.var + 1e-8), -self.clip, self.clip)
+
+    def state_dict(self):  # the running return restarts with the episodes whenever the envs are reset
+        return {"mean": float(self.mean), "var": float(self.var), "count": float(self.count)}
+
+    def load_state_dict(self, d):
+        self.mean, self.var, self.count = d["mean"], d["var"], d["count"]
+# --- end copied block: wilson interval and reward scaling ---
+
+# warm-start data
+
+
+# --- begin copied block: warm-start data ---
+def find_or_collect_demos(args):
+    """--demos-path, else data/<task>_scripted.hdf5, collected by collect_demos.py when missing."""
+    if args.demos_path is not None:
+        if not os.path.isfile(args.demos_path):
+            fail(f"demos file '{args.demos_path}' does not exist: pass an existing --demos-path, "
+                 "or leave it out to collect scripted demos")
+        return args.demos_path
+    path = os.path.join("data", f"{args.task}_scripted.hdf5")
+    if os.path.isfile(path):
+        return path
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "collect_demos.py")
+    if not os.path.isfile(script):
+        fail(f"no demos at {path} and no collect_demos.py beside this script to make them: pass --demos-path")
+    print(f"no demos at {path}: collecting {args.num_demos} scripted demos with collect_demos.py", flush=True)
+    cmd = [sys.executable, script, "--task", args.task, "--policy", "scripted", "--num-demos", str(args.num_demos),
+           "--no-images", "--out-path", path, "--num-workers", str(args.num_envs)]
+    if subprocess.run(cmd).returncode != 0 or not os.path.isfile(path):
+        fail(f"collect_demos.py could not make {path} (see its message above): fix that or pass --demos-path")
+    return path
+
+
+def load_demos(path, task, bddl, num_demos):
+    """Returns per-demo lists of state observations (T, Do) and actions (T, Da), states replayed in the env."""
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        fail(f"'{path}' is not a readable HDF5 file: pass a demos file in the LIBERO layout")
+    with f:
+        if "data" not in f:
+            fail(f"'{path}' has no 'data' group: pass a demos file in the LIBERO layout (DESIGN.md)")
+        data = f["data"]
+        file_task = data.attrs.get("task")
+        file_task = file_task.decode() if isinstance(file_task, bytes) else file_task
+        if file_task and file_task != task:
+            fail(f"'{path}' holds demos of {file_task}, not {task}: pass --task {file_task} or other demos")
+        try:
+            controller = json.loads(data.attrs.get("env_args", "{}"))["env_kwargs"]["controller_configs"]["type"]
+        except (KeyError, TypeError, ValueError):
+            controller = "OSC_POSE"
+        if controller != "OSC_POSE":
+            fail(f"'{path}' was recorded with the {controller} controller; this script drives OSC_POSE")
+        names = sorted((k for k in data if k.startswith("demo_")), key=lambda s: int(s.split("_")[1]))[:num_demos]
+        if not names:
+            fail(f"'{path}' holds no demo_<i> groups: collect some demos first")
+        for name in names:
+            for key in ("actions", "states"):
+                if key not in data[name]:
+                    fail(f"'{path}' lacks data/{name}/{key}: pass a file in the LIBERO layout")
+        raw = [(data[n]["states"][()], data[n]["actions"][()].astype(np.float32)) for n in names]
+    env = make_control_env(bddl, 1000)
+    env.reset()
+    state_dim = len(env.get_sim_state())
+    print(f"rebuilding state observations of {len(raw)} demos ({sum(len(a) for _, a in raw)} steps) by replay", flush=True)
+    obs, actions = [], []
+    for states, acts in raw:
+        if states.shape[1] != state_dim or acts.shape[1] != ACT_DIM:
+            fail(f"'{path}' has states of width {states.shape[1]} and actions of {acts.shape[1]}, "
+                 f"where {task} needs {state_dim} and {ACT_DIM}: are these demos of {task}?")
+        obs.append(np.stack([state_obs(env.regenerate_obs_from_state(s)) for s in states]))
+        actions.append(acts)
+    env.close()
+    return obs, actions
+
+
+def action_chunks(actions, act_horizon):
+    """(T, Da) -> (T, Ta, Da): the chunk starting at each step, padded with the demo's last action."""
+    padded = np.concatenate([actions, np.repeat(actions[-1:], act_horizon - 1, axis=0)])
+    return np.stack([padded[t : t + act_horizon] for t in range(len(actions))])
+# --- end copied block: warm-start data ---
+
+# evaluation and resuming
+
+
+# --- begin copied block: evaluation and resuming ---
+@torch.no_grad()
+def evaluate(policy, envs, init_states):
+    """Run one episode from each init state with the deterministic policy (explore=False); returns the number of successes."""
+    n = envs.num_envs
+    envs.set_attr("eval_queue", [list(init_states[i::n]) for i in range(n)])
+    obs, _ = envs.reset()
+    finished, successes = 0, 0
+    while finished < len(init_states):
+        actions = policy.act(obs, explore=False)
+        obs, _, terminated, truncated, _ = envs.step(actions)
+        finished += int((terminated | truncated).sum())  # idle envs never report an end
+        successes += int(terminated.sum())
+    envs.set_attr("eval_queue", [None] * n)
+    return successes
+
+
+def plot_eval_history(history, path, title):
+    """Evaluation success against env steps and against wall time, side by side, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h = np.asarray(history, dtype=np.float64)  # rows: iteration, env steps, wall seconds, success
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), sharey=True)
+    for ax, x, label in ((axes[0], h[:, 1], "env steps"), (axes[1], h[:, 2] / 60, "wall time (min)")):
+        ax.plot(x, h[:, 3], "o-")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("success on the init states")
+    axes[0].set_ylim(-0.02, 1.02)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def load_resume(path, task):
+    if not os.path.isfile(path):
+        fail(f"--resume '{path}' does not exist: pass a runs/<run>/last.pt")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        fail(f"--resume '{path}' is not a checkpoint this script can read: pass a runs/<run>/last.pt")
+    kind = ckpt.get("kind") if isinstance(ckpt, dict) else None
+    if kind != KIND:
+        fail(f"--resume '{path}' is a checkpoint of kind '{kind}', not '{KIND}': pass a last.pt written by this script")
+    if ckpt["task"] != task:
+        fail(f"--resume '{path}' is a run on {ckpt['task']}: pass --task {ckpt['task']}")
+    return ckpt
+# --- end copied block: evaluation and resuming ---
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    suite_name, _ = parse_task(args.task)
+    if args.eval_episodes < 1 or args.num_envs < 1:
+        fail("--eval-episodes and --num-envs must be at least 1")
+    resumed = load_resume(args.resume, args.task) if args.resume else None
+    demos_path = None if resumed else find_or_collect_demos(args)
+    max_episode_steps = args.max_episode_steps or STEP_LIMITS[suite_name]
+    T = args.num_steps or math.ceil(max_episode_steps / args.act_exec)  # chunk steps per env per iteration
+    N, Te = args.num_envs, args.act_exec
+    run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.dirname(os.path.abspath(args.resume)) if resumed else os.path.join(args.out_dir, run_name)
+    run_name = os.path.basename(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, sync_tensorboard=True,
+                   config=vars(args), name=run_name, save_code=True)
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.set_num_threads(args.torch_threads)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    start_time = time.time()
+
+    bddl, init_states = task_bddl_and_init_states(args.task)
+    init_states = init_states[: args.eval_episodes]
+    if resumed:
+        policy = GaussianPolicy.from_checkpoint(resumed, device).train()
+    else:
+        demo_obs, demo_actions = load_demos(demos_path, args.task, bddl, args.num_demos)
+        all_obs, all_act = np.concatenate(demo_obs), np.concatenate(demo_actions)
+        centre = (all_act.min(0) + all_act.max(0)) / 2
+        half = np.maximum((all_act.max(0) - all_act.min(0)) / 2, 1e-2)  # a constant action dim gets a +-0.01 range
+        policy = GaussianPolicy(
+            all_obs.shape[1], ACT_DIM, args.act_horizon, Te, args.hidden_dim, args.init_std, args.min_std, args.max_std,
+            args.randn_clip, obs_mean=all_obs.mean(0), obs_std=np.maximum(all_obs.std(0), 1e-2),
+            act_min=centre - half, act_max=centre + half,
+        ).to(device)
+    obs_dim = policy.obs_dim
+    critic = Critic(obs_dim).to(device)
+    # workers are forked before the torch work below; each builds its MuJoCo env on its first reset
+    envs = make_vector_env(bddl, obs_dim, args, max_episode_steps)
+    print(f"{args.task}: obs {obs_dim}, {N} envs, {max_episode_steps} steps per episode, "
+          f"{sum(p.numel() for p in policy.actor_ft.parameters()) / 1e6:.2f} M mean-network parameters", flush=True)
+
+    # ALGO LOGIC: behaviour cloning, maximum likelihood of the demo chunks under N(mu(s), init_std^2)
+    if resumed:
+        bc_ema_state = resumed["ema"]
+    else:
+        obs_t = policy.normalize_obs(torch.as_tensor(all_obs, device=device))
+        chunks = np.concatenate([action_chunks(a, args.act_horizon) for a in demo_actions])
+        act_t = policy.normalize_action(torch.as_tensor(chunks, device=device))  # (N, Ta, Da) in [-1, 1]
+        mean_net = policy.actor_ft  # trained in place; its EMA then becomes the policy's mean
+        ema = copy.deepcopy(mean_net).requires_grad_(False)
+        bc_opt = torch.optim.AdamW(mean_net.parameters(), lr=args.bc_lr, weight_decay=args.bc_weight_decay)
+        steps_per_epoch = math.ceil(len(obs_t) / args.bc_batch_size)
+        bc_sched = torch.optim.lr_scheduler.CosineAnnealingLR(bc_opt, args.bc_epochs * steps_per_epoch, args.bc_min_lr)
+        print(f"behaviour cloning: {len(obs_t)} samples, {args.bc_epochs} epochs of {steps_per_epoch} steps", flush=True)
+        step, bc_start = 0, time.time()
+        for epoch in range(args.bc_epochs):
+            perm, epoch_loss = torch.randperm(len(obs_t), device=device), 0.0
+            for i in range(0, len(obs_t), args.bc_batch_size):
+                a0, s = act_t[perm[i : i + args.bc_batch_size]], obs_t[perm[i : i + args.bc_batch_size]]
+                loss = -torch.distributions.Normal(mean_net(s), args.init_std).log_prob(a0).mean()  # sigma fixed in BC
+                bc_opt.zero_grad()
+                loss.backward()
+                bc_opt.step()
+                bc_sched.step()
+                step, epoch_loss = step + 1, epoch_loss + loss.item() / steps_per_epoch
+                if epoch < EMA_START_EPOCH:
+                    ema.load_state_dict(mean_net.state_dict())
+                elif step % EMA_EVERY == 0:
+                    for p_ema, p in zip(ema.parameters(), mean_net.parameters()):
+                        p_ema.lerp_(p, 1 - args.ema_decay)
+            writer.add_scalar("losses/bc_loss", epoch_loss, epoch)
+            if epoch % max(1, args.bc_epochs // 20) == 0 or epoch == args.bc_epochs - 1:
+                print(f"bc epoch {epoch}: loss {epoch_loss:.4f}, {time.time() - bc_start:.0f}s", flush=True)
+        bc_ema_state = {k: v.cpu() for k, v in ema.state_dict().items()}
+        policy.actor_ft.load_state_dict(ema.state_dict())
+        del obs_t, act_t, ema, bc_opt
+
+    actor_opt = torch.optim.Adam([*policy.actor_ft.parameters(), policy.log_std], lr=args.actor_lr)
+    critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
+    scaler = RewardScaler(N, args.gamma)
+    # everything that summary.json reports and a resumed run continues from
+    stats = dict(iteration=0, env_steps=0, wall_time=0.0, bc_success=None, eval_success=None, eval_ci=None,
+                 best_success=-1.0, eval_history=[], actor_grad_steps=0, critic_grad_steps=0)
+    if resumed:
+        critic.load_state_dict(resumed["critic"])
+        actor_opt.load_state_dict(resumed["optimizers"]["actor"])
+        critic_opt.load_state_dict(resumed["optimizers"]["critic"])
+        scaler.load_state_dict(resumed["reward_scaler"])
+        torch.set_rng_state(resumed["rng"])
+        stats.update({k: resumed[k] for k in stats})
+        print(f"resumed {args.resume} at iteration {stats['iteration']}, {stats['env_steps']} env steps", flush=True)
+    wall_offset = stats["wall_time"]
+
+    def save(name):
+        """Checkpoint dict (DESIGN.md): rebuilds the policy alone, and resumes the run."""
+        stats["wall_time"] = wall_offset + time.time() - start_time
+        ckpt = dict(kind=KIND, task=args.task, **policy.config(), max_episode_steps=max_episode_steps,
+                    model={k: v.cpu() for k, v in policy.state_dict().items()}, ema=bc_ema_state,
+                    critic={k: v.cpu() for k, v in critic.state_dict().items()},
+                    optimizers={"actor": actor_opt.state_dict(), "critic": critic_opt.state_dict()},
+                    reward_scaler=scaler.state_dict(), rng=torch.get_rng_state(), args=asdict(args), **stats)
+        torch.save(ckpt, os.path.join(run_dir, name + ".tmp"))  # then rename: never half a file under the real name
+        os.replace(os.path.join(run_dir, name + ".tmp"), os.path.join(run_dir, name))
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(dict(run_name=run_name, task=args.task, final_success=stats["eval_success"], **stats), f, indent=2)
+
+    def run_eval():
+        """Evaluate on the init states, log, keep the best checkpoint; returns text for the progress line."""
+        t0 = time.time()
+        successes = evaluate(policy, envs, init_states)
+        rate, ci = successes / len(init_states), list(wilson_interval(successes, len(init_states)))
+        stats.update(eval_success=rate, eval_ci=ci)
+        stats["eval_history"].append([stats["iteration"], stats["env_steps"], wall_offset + time.time() - start_time, rate])
+        plot_eval_history(stats["eval_history"], os.path.join(run_dir, "success.png"), f"{args.task}, {args.exp_name}")
+        for tag, value in {"success_rate": rate, "ci_low": ci[0], "ci_high": ci[1]}.items():
+            writer.add_scalar(f"eval/{tag}", value, stats["env_steps"])
+        if rate > stats["best_success"]:
+            stats["best_success"] = rate
+            save("expert.pt")
+        return f"eval {rate:.2f} [{ci[0]:.2f}, {ci[1]:.2f}] on {len(init_states)} init states ({time.time() - t0:.0f}s)"
+
+    seeds = np.random.default_rng([args.seed, stats["iteration"]]).integers(2**31 - 1, size=N)
+    next_obs, _ = envs.reset(seed=[int(s) for s in seeds])
+    if not resumed:
+        text = run_eval()
+        stats["bc_success"] = stats["eval_success"]
+        print(f"iter 0 (BC): {text}", flush=True)
+        save("last.pt")
+        next_obs, _ = envs.reset()
+
+    # ALGO LOGIC: PPO rollout storage, (T, N, ...) over chunk steps and envs
+    obs_buf = torch.zeros(T, N, obs_dim, device=device)
+    next_obs_buf = torch.zeros(T, N, obs_dim, device=device)  # what followed each step, before autoreset
+    chain_buf = torch.zeros(T, N, 1, args.act_horizon, ACT_DIM, device=device)  # the sampled chunks, before [-1, 1]
+    rew_buf, term_buf, done_buf = np.zeros((T, N)), np.zeros((T, N)), np.zeros((T, N))
+    clip_coefs = torch.tensor([args.clip_coef], device=device)  # one "denoising step": the same loop as diffusion_ppo.py
+    discounts = torch.ones(1, device=device)
+
+    def out_of_time():
+        return args.time_limit_min is not None and wall_offset + time.time() - start_time > 60 * args.time_limit_min
+
+    while stats["iteration"] < args.total_iterations and not out_of_time():
+        stats["iteration"] += 1
+        it_start, env_time, it_steps, ep_success, ep_len = time.time(), 0.0, 0, [], []
+        for t in range(T):
+            obs_buf[t] = policy.normalize_obs(torch.as_tensor(next_obs, device=device))
+            chunk, chain_buf[t] = policy.sample(obs_buf[t], explore=True)
+            t0 = time.time()
+            next_obs, reward, terminated, truncated, info = envs.step(policy.unnormalize_action(chunk[:, :Te]).cpu().numpy())
+            env_time += time.time() - t0
+            done = terminated | truncated
+            real_next, steps = next_obs.copy(), np.asarray(info.get("steps", np.zeros(N)), dtype=np.int64)
+            for i in np.nonzero(done)[0]:  # same-step autoreset: the finished episode's data sits in info
+                real_next[i], steps[i] = info["final_obs"][i], info["final_info"]["steps"][i]
+                ep_success.append(float(terminated[i]))
+                ep_len.append(int(info["final_info"]["t"][i]))
+            it_steps += int(steps.sum())
+            next_obs_buf[t] = policy.normalize_obs(torch.as_tensor(real_next, device=device))
+            rew_buf[t], term_buf[t], done_buf[t] = reward, terminated, done
+        stats["env_steps"] += it_steps
+
+        # ALGO LOGIC: advantages over chunk steps, old log-probabilities of the sampled chunks
+        b_obs, b_chain = obs_buf.view(T * N, obs_dim), chain_buf.view(T * N, *chain_buf.shape[2:])
+        with torch.no_grad():
+            values = critic(b_obs).view(T, N)
+            next_values = critic(next_obs_buf.view(T * N, obs_dim)).view(T, N)
+            old_logp = torch.cat([ppo_log_prob(policy, b_obs[i : i + 1024], b_chain[i : i + 1024], Te)
+                                  for i in range(0, T * N, 1024)])  # (T*N, 1)
+            rewards = torch.as_tensor(scaler(rew_buf, done_buf), dtype=torch.float32, device=device)
+            term, dones = (torch.as_tensor(x, dtype=torch.float32, device=device) for x in (term_buf, done_buf))
+            advantages, returns = gae(rewards, values, next_values, term, dones, args.gamma, args.gae_lambda)
+        b_adv, b_ret, b_val = advantages.view(-1), returns.view(-1), values.view(-1)
+
+        # ALGO LOGIC: PPO over chunks
+        update_actor = stats["iteration"] > args.critic_warmup_iters
+        mb_size = max(1, (T * N) // args.num_minibatches)
+        logs = {"value_loss": [], "policy_loss": [], "approx_kl": [], "clipfrac": []}
+        for epoch in range(args.update_epochs):
+            perm, approx_kl = torch.randperm(T * N, device=device), 0.0
+            for start in range(0, mb_size * args.num_minibatches, mb_size):
+                mb = perm[start : start + mb_size]
+                v_loss = 0.5 * ((critic(b_obs[mb]) - b_ret[mb]) ** 2).mean()
+                loss = args.vf_coef * v_loss
+                logs["value_loss"].append(v_loss.item())
+                if update_actor:
+                    adv = b_adv[mb]
+                    if len(mb) > 1:
+                        adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+                    adv = adv[:, None] * discounts  # (B, 1)
+                    logratio = ppo_log_prob(policy, b_obs[mb], b_chain[mb], Te) - old_logp[mb]
+                    ratio = logratio.exp()
+                    pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip_coefs, 1 + clip_coefs)).mean()
+                    loss = loss + pg_loss
+                    with torch.no_grad():
+                        approx_kl = ((ratio - 1) - logratio).mean().item()
+                        logs["clipfrac"].append(((ratio - 1).abs() > clip_coefs).float().mean().item())
+                    logs["policy_loss"].append(pg_loss.item())
+                    logs["approx_kl"].append(approx_kl)
+                actor_opt.zero_grad()
+                critic_opt.zero_grad()
+                loss.backward()
+                critic_opt.step()
+                stats["critic_grad_steps"] += 1
+                if update_actor:
+                    nn.utils.clip_grad_norm_([*policy.actor_ft.parameters(), policy.log_std], args.max_grad_norm)
+                    actor_opt.step()
+                    policy.project_std()
+                    stats["actor_grad_steps"] += 1
+                    if approx_kl > args.target_kl:
+                        break
+            if approx_kl > args.target_kl:
+                break
+
+        it_time = time.time() - it_start
+        var_y = b_ret.var().item()
+        charts = {
+            "charts/train_success_rate": float(np.mean(ep_success)) if ep_success else float("nan"),
+            "charts/episodes": len(ep_success),
+            "charts/episode_length": float(np.mean(ep_len)) if ep_len else float("nan"),
+            "charts/env_steps_per_s": it_steps / it_time,
+            "charts/env_seconds": env_time,
+            "charts/network_seconds": it_time - env_time,
+            "charts/iteration": stats["iteration"],
+            "charts/std": policy.log_std.exp().mean().item(),
+            "losses/explained_variance": float("nan") if var_y == 0 else 1 - (b_ret - b_val).var().item() / var_y,
+            **{f"losses/{k}": float(np.mean(v)) for k, v in logs.items() if v},
+        }
+        for tag, value in charts.items():
+            writer.add_scalar(tag, value, stats["env_steps"])
+        line = (f"iter {stats['iteration']}/{args.total_iterations}: train success {charts['charts/train_success_rate']:.2f} "
+                f"({len(ep_success)} eps), {stats['env_steps']} env steps, {it_steps / it_time:.0f} steps/s, "
+                f"env {env_time:.1f}s net {it_time - env_time:.1f}s, std {charts['charts/std']:.3f}, v_loss {charts['losses/value_loss']:.4f}")
+        if logs["policy_loss"]:
+            line += (f", pg {charts['losses/policy_loss']:.5f} kl {charts['losses/approx_kl']:.5f} "
+                     f"clipfrac {charts['losses/clipfrac']:.3f}")
+        if stats["iteration"] % args.eval_every == 0 or stats["iteration"] == args.total_iterations or out_of_time():
+            line += " | " + run_eval()
+            next_obs, _ = envs.reset()
+            scaler.ret[:] = 0
+        print(line, flush=True)
+        save("last.pt")
+
+    save("last.pt")
+    envs.close()
+    writer.close()
+    print(f"done: BC {stats['bc_success']:.2f}, final {stats['eval_success']:.2f}, best {stats['best_success']:.2f}, "
+          f"{stats['env_steps']} env steps, {stats['wall_time'] / 60:.1f} min; checkpoints in {run_dir}", flush=True)
