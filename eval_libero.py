@@ -64,6 +64,8 @@ class Args:
     """seed of the policy's sampling noise (per episode: seed + episode index)"""
     use_ema: bool = True
     """evaluate a VLA's EMA weights (its raw weights otherwise)"""
+    render_every_step: bool = False
+    """render a VLA's cameras at every control step, as an env with camera observables does (only to time what rendering at query steps saves)"""
 
 
 SUITE_SIZES = {"libero_spatial": 10, "libero_object": 10, "libero_goal": 10, "libero_10": 10, "libero_90": 90}
@@ -139,7 +141,7 @@ def load_checkpoint(path):
 _WORKER = {}
 
 
-def _worker_init(checkpoint_path, use_ema, max_steps):
+def _worker_init(checkpoint_path, use_ema, max_steps, render_every_step):
     import importlib
     import warnings
 
@@ -151,7 +153,7 @@ def _worker_init(checkpoint_path, use_ema, max_steps):
     module, cls = POLICY_SCRIPTS[kind]
     policy_cls = getattr(importlib.import_module(module), cls)
     policy = policy_cls.from_checkpoint(ckpt, "cpu", use_ema) if kind == "vla" else policy_cls.from_checkpoint(ckpt, "cpu")
-    _WORKER.update(ckpt=ckpt, kind=kind, policy=policy, envs={}, max_steps=max_steps)
+    _WORKER.update(ckpt=ckpt, kind=kind, policy=policy, envs={}, max_steps=max_steps, render_every_step=render_every_step)
 
 
 def make_env(bddl, render):
@@ -192,6 +194,9 @@ def run_episode(job):
     frames, queue, success, renders = [], [], False, 0
     max_steps = _WORKER["max_steps"] or task["max_steps"]
     for t in range(max_steps):
+        if vla and queue and _WORKER["render_every_step"]:
+            render_cameras(env, size, camera_of.values())  # drawn and dropped: the cost of a camera env
+            renders += 1
         if not queue:
             if vla:
                 views = render_cameras(env, size, camera_of.values())
@@ -297,7 +302,8 @@ def main(args):
     t0, finished = time.time(), total - len(jobs)
     if jobs:
         # spawn, not fork: each worker builds its own MuJoCo/EGL context (they do not survive fork)
-        with mp.get_context("spawn").Pool(num_workers, _worker_init, (args.checkpoint_path, args.use_ema, args.max_steps)) as pool:
+        with mp.get_context("spawn").Pool(num_workers, _worker_init,
+                                          (args.checkpoint_path, args.use_ema, args.max_steps, args.render_every_step)) as pool:
             for out in pool.imap_unordered(run_episode, jobs):
                 results["episodes"][out["task"]][str(out["episode"])] = dict(success=out["success"], steps=out["steps"])
                 write_json(results_path, summarize(results))
