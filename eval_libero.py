@@ -189,7 +189,8 @@ def run_episode(job):
     for _ in range(NUM_SETTLE_STEPS):
         obs, _, _, _ = env.step(SETTLE_ACTION)
     if vla:
-        instruction, size = task["language"], int(ckpt["image_size"])
+        # render at the size the training images were rendered at; the policy resizes as training did
+        instruction, size = task["language"], int(ckpt["render_size"])
         camera_of = {"agentview_rgb": "agentview", "eye_in_hand_rgb": "robot0_eye_in_hand"}
     frames, queue, success, renders = [], [], False, 0
     max_steps = _WORKER["max_steps"] or task["max_steps"]

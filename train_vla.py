@@ -268,11 +268,11 @@ class VLAPolicy(nn.Module):
     """
 
     def __init__(self, act_dim, act_horizon, act_exec, proprio_dim, channels, head_dim, flow_steps, image_size,
-                 crop_size, proprio_mean, proprio_std, act_min, act_max, instructions):
+                 crop_size, render_size, proprio_mean, proprio_std, act_min, act_max, instructions):
         super().__init__()
         self.act_dim, self.act_horizon, self.act_exec, self.proprio_dim = act_dim, act_horizon, act_exec, proprio_dim
         self.channels, self.head_dim, self.flow_steps = channels, head_dim, flow_steps
-        self.image_size, self.crop_size = image_size, crop_size
+        self.image_size, self.crop_size, self.render_size = image_size, crop_size, render_size
         self.model = VLA(act_dim, act_horizon, proprio_dim, channels, head_dim)
         self.instructions = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in instructions.items()}
         for name, value in dict(proprio_mean=proprio_mean, proprio_std=proprio_std, act_min=act_min, act_max=act_max).items():
@@ -284,7 +284,7 @@ class VLAPolicy(nn.Module):
             act_dim=self.act_dim, obs_horizon=1, act_horizon=self.act_horizon, act_exec=self.act_exec,
             proprio_dim=self.proprio_dim, proprio_keys=list(PROPRIO_KEYS), cameras=list(CAMERAS),
             channels=self.channels, head_dim=self.head_dim, flow_steps=self.flow_steps, action_head="flow_matching",
-            image_size=self.image_size, crop_size=self.crop_size, flip="both axes (upright)",
+            image_size=self.image_size, crop_size=self.crop_size, render_size=self.render_size, flip="both axes (upright)",
             normalizer={k: getattr(self, k).cpu() for k in ("proprio_mean", "proprio_std", "act_min", "act_max")},
             instructions=dict(self.instructions),
         )
@@ -293,7 +293,8 @@ class VLAPolicy(nn.Module):
     def from_checkpoint(cls, c, device="cpu", use_ema=True):
         """The policy of a checkpoint dict (torch.load(path, weights_only=True)), in eval mode, EMA weights by default."""
         policy = cls(c["act_dim"], c["act_horizon"], c["act_exec"], c["proprio_dim"], c["channels"], c["head_dim"],
-                     c["flow_steps"], c["image_size"], c["crop_size"], **c["normalizer"], instructions=c["instructions"])
+                     c["flow_steps"], c["image_size"], c["crop_size"], c["render_size"], **c["normalizer"],
+                     instructions=c["instructions"])
         policy.model.load_state_dict(c["ema"] if use_ema else c["model"])
         return policy.to(device).eval()
 
@@ -338,7 +339,7 @@ class VLAPolicy(nn.Module):
 def load_demos(paths, image_size, max_demos):
     """All demos of all files in memory: per-step images resized to S, proprio, action chunks, task ids."""
     data = dict(images={cam: [] for cam in CAMERAS}, proprio=[], actions=[], task=[], demo_end=[])
-    instructions, task_names, offset = [], [], 0
+    instructions, task_names, sizes, offset = [], [], set(), 0
     for path in paths:
         if not os.path.isfile(path):
             fail(f"demos file '{path}' does not exist")
@@ -361,6 +362,7 @@ def load_demos(paths, image_size, max_demos):
             for key in ("actions", *(f"obs/{k}" for k in PROPRIO_KEYS)):
                 if key not in first:
                     fail(f"'{path}' is not in LIBERO layout: data/{names[0]} has no '{key}'")
+            sizes.add(first[f"obs/{CAMERAS[0]}"].shape[1])
             if instruction not in instructions:
                 instructions.append(instruction)
             name = f["data"].attrs.get("task", json.loads(f["data"].attrs["problem_info"]).get("problem_name", path))
@@ -378,7 +380,9 @@ def load_demos(paths, image_size, max_demos):
         print(f"{path}: {len(names)} demos, '{instruction}'", flush=True)
     out = {k: np.concatenate(v) for k, v in data.items() if k != "images"}
     out["images"] = {cam: np.concatenate(v) for cam, v in data["images"].items()}
-    return out, instructions, task_names
+    if len(sizes) > 1:
+        fail(f"the demos files hold images of different sizes {sorted(sizes)}: re-render them at one size with collect_demos.py --replay")
+    return out, instructions, task_names, sizes.pop()
 
 
 def chunk_indices(idx, demo_end, act_horizon):
@@ -414,7 +418,7 @@ if __name__ == "__main__":
     def amp():  # bf16 autocast on CUDA; full precision on the CPU
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    data, instructions, task_names = load_demos(args.demos_paths, args.image_size, args.max_demos_per_file)
+    data, instructions, task_names, render_size = load_demos(args.demos_paths, args.image_size, args.max_demos_per_file)
     N = len(data["actions"])
     print(f"{N} samples of {len(instructions)} tasks; encoding the instructions with all-MiniLM-L6-v2", flush=True)
     text_table = encode_instructions(instructions)  # (num_tasks, Dl), frozen: embedded once
@@ -423,7 +427,7 @@ if __name__ == "__main__":
     centre, half = (act.min(0) + act.max(0)) / 2, np.maximum((act.max(0) - act.min(0)) / 2, 1e-2)
     policy = VLAPolicy(
         act.shape[1], args.act_horizon, args.act_exec, data["proprio"].shape[1], args.channels, args.head_dim,
-        args.flow_steps, args.image_size, crop, proprio_mean=data["proprio"].mean(0),
+        args.flow_steps, args.image_size, crop, render_size, proprio_mean=data["proprio"].mean(0),
         proprio_std=np.maximum(data["proprio"].std(0), 1e-2), act_min=centre - half, act_max=centre + half,
         instructions={s: text_table[i] for i, s in enumerate(instructions)},
     ).to(device)

@@ -20,7 +20,7 @@ import train_vla  # noqa: E402
 
 TASK = "libero_spatial_0"
 VLA_KEYS = {"kind", "tasks", "act_dim", "obs_horizon", "act_horizon", "act_exec", "proprio_dim", "proprio_keys",
-            "cameras", "image_size", "crop_size", "flip", "normalizer", "instructions", "model", "ema", "args",
+            "cameras", "image_size", "crop_size", "render_size", "flip", "normalizer", "instructions", "model", "ema", "args",
             "iteration", "flow_steps", "action_head"}
 
 
@@ -56,6 +56,7 @@ def test_checkpoint_holds_what_evaluation_needs(vla_run):
     assert VLA_KEYS <= set(ckpt), VLA_KEYS - set(ckpt)
     assert ckpt["kind"] == "vla" and ckpt["tasks"] == [TASK] and ckpt["iteration"] == 3
     assert (ckpt["image_size"], ckpt["crop_size"], ckpt["act_horizon"], ckpt["act_exec"]) == (32, 29, 8, 4)
+    assert ckpt["render_size"] == 32  # the demos' image size, which evaluation renders at
     (instruction, embedding), = ckpt["instructions"].items()
     assert "black bowl" in instruction and embedding.shape == (384,)
     # the stored embedding is the frozen encoder's: evaluating a known task needs no encoder
