@@ -83,10 +83,6 @@ class Args:
     """use CUDA when it is present"""
     torch_threads: int = 1
     """CPU threads for torch: the env workers need the other cores, and oversubscribed cores make small matmuls ~30x slower"""
-    track: bool = False
-    """log to Weights and Biases as well as TensorBoard"""
-    wandb_project_name: str = "libero-diffusion-rl"
-    """the W&B project with --track"""
     out_dir: str = "runs"
     """runs are written to <out_dir>/<run_name>/"""
     task: str = "libero_spatial_0"
@@ -568,13 +564,9 @@ def plot_eval_history(history, path, title):
     h = np.asarray(history, dtype=np.float64)  # rows: iteration, env steps, wall seconds, success
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), sharey=True)
     for ax, x, label in ((axes[0], h[:, 1], "env steps"), (axes[1], h[:, 2] / 60, "wall time (min)")):
-        ax.plot(x, h[:, 3], "o-")
-        ax.set_xlabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("success on the init states")
-    axes[0].set_ylim(-0.02, 1.02)
-    fig.suptitle(title)
-    fig.tight_layout()
+        ax.plot(x, h[:, 3], "o-"), ax.set_xlabel(label), ax.grid(alpha=0.3)
+    axes[0].set_ylabel("success on the init states"), axes[0].set_ylim(-0.02, 1.02)
+    fig.suptitle(title), fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -609,11 +601,6 @@ if __name__ == "__main__":
     run_dir = os.path.dirname(os.path.abspath(args.resume)) if resumed else os.path.join(args.out_dir, run_name)
     run_name = os.path.basename(run_dir)
     os.makedirs(run_dir, exist_ok=True)
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, sync_tensorboard=True,
-                   config=vars(args), name=run_name, save_code=True)
     writer = SummaryWriter(run_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 

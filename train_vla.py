@@ -72,10 +72,6 @@ class Args:
     """use CUDA when it is present (with bf16 autocast)"""
     torch_threads: Optional[int] = None
     """CPU threads for torch (default: all cores)"""
-    track: bool = False
-    """log to Weights and Biases as well as TensorBoard"""
-    wandb_project_name: str = "libero-diffusion-rl"
-    """the W&B project with --track"""
     out_dir: str = "runs"
     """runs are written to <out_dir>/<run_name>/"""
     max_demos_per_file: Optional[int] = None
@@ -436,10 +432,6 @@ if __name__ == "__main__":
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {device}, crop {crop} of {args.image_size}", flush=True)
 
     os.makedirs(run_dir, exist_ok=True)
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=vars(args), name=run_name, save_code=True)
     writer = SummaryWriter(run_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
