@@ -76,6 +76,8 @@ class Args:
     """side of the square agentview and eye-in-hand images"""
     no_images: bool = False
     """write state-only demos (no rendering): enough for the state-based RL warm start"""
+    no_reflections: bool = False
+    """render without MuJoCo's mirror pass (the table's reflections): half the cost of a software-rendered frame; the file records it, and train_vla.py and eval_libero.py render the same way"""
     video: int = 0
     """write upright MP4s of the first N kept demos next to the output file"""
     replay: Optional[str] = None
@@ -151,6 +153,13 @@ def make_env(bddl, image_size=None):
         bddl_file_name=bddl, use_camera_obs=render, has_offscreen_renderer=render, horizon=2000,
         camera_heights=size, camera_widths=size,
     )
+
+
+def set_reflections(env, on):
+    """Turn the mirror pass of the env's offscreen renderer on (LIBERO's look) or off (half the cost in software)."""
+    import mujoco
+
+    env.env.sim._render_context_offscreen.scn.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = int(on)
 
 
 def quat2axisangle(q):
@@ -489,9 +498,9 @@ def rollout_episode(seed):
     return ep
 
 
-def _render_init(task_name, image_size):
+def _render_init(task_name, image_size, reflections):
     task = resolve_task(task_name)
-    _WORKER.update(render_env=make_env(task["bddl"], image_size=image_size))
+    _WORKER.update(render_env=make_env(task["bddl"], image_size=image_size), reflections=reflections)
 
 
 # ---------------------------------------------------------------------------------------
@@ -553,7 +562,7 @@ def atomic_h5(path):
         raise
 
 
-def write_header(f, task, source, generator, image_size):
+def write_header(f, task, source, generator, image_size, reflections):
     """The `data` group attributes LIBERO and robomimic readers expect."""
     from libero.libero.envs.bddl_utils import get_problem_info
 
@@ -573,6 +582,7 @@ def write_header(f, task, source, generator, image_size):
     data.attrs["bddl_file_content"] = open(task["bddl"]).read()
     data.attrs["env_args"] = json.dumps({"env_name": info["problem_name"], "type": 1, "env_kwargs": env_kwargs})
     data.attrs["macros_image_convention"] = "opengl"
+    data.attrs["render_reflections"] = reflections  # ours; LIBERO's own files are rendered with them
     data.attrs["task"] = task["name"]
     data.attrs["source"] = source
     data.attrs["generator"] = json.dumps(generator)
@@ -695,7 +705,7 @@ def render_and_write(args, data, task, episodes, num_workers):
             write_demo(data, i, ep)
         return []
     t0, n_frames, videos, kept = time.time(), 0, [], 0
-    with make_pool(num_workers, _render_init, (task["name"], args.image_size)) as pool:
+    with make_pool(num_workers, _render_init, (task["name"], args.image_size, not args.no_reflections)) as pool:
         for ep, out in zip(episodes, pool.imap(replay_episode, [(ep["states"], ep["actions"]) for ep in episodes])):
             images = {k: out[k] for k in CAMERAS}
             write_demo(data, kept, ep, images)
@@ -771,7 +781,7 @@ def collect(args, num_workers):
     per_demo = [demo_metrics(ep["actions"], ep["ee_pos"]) for ep in kept]
     metrics = summarize_metrics(per_demo, attempts)
     with atomic_h5(out_path) as f:
-        data = write_header(f, task, source, generator, args.image_size)
+        data = write_header(f, task, source, generator, args.image_size, not args.no_reflections)
         videos = render_and_write(args, data, task, kept, num_workers)
         data.attrs["num_demos"] = len(kept)
         data.attrs["total"] = int(sum(len(ep["actions"]) for ep in kept))
@@ -801,7 +811,7 @@ def replay(args, num_workers):
     size = None if args.no_images else args.image_size
     # replay in a renderer-free env when no images are wanted: still restores every state
     init = _render_init if size else _rollout_init
-    initargs = (task["name"], size) if size else (task["name"], "scripted")
+    initargs = (task["name"], size, not args.no_reflections) if size else (task["name"], "scripted")
     t0 = time.time()
     with make_pool(num_workers, init, initargs) as pool:
         outs = pool.map(replay_episode, [(ep["states"], ep["actions"]) for ep in episodes])
@@ -817,7 +827,7 @@ def replay(args, num_workers):
     source = str(attrs.get("source", "human"))
     generator = json.loads(attrs["generator"]) if "generator" in attrs else {"replayed_from": os.path.abspath(args.replay)}
     with atomic_h5(out_path) as f:
-        data = write_header(f, task, source, generator, args.image_size)
+        data = write_header(f, task, source, generator, args.image_size, not args.no_reflections)
         for i, ep in enumerate(kept):
             images = {k: ep.pop(k) for k in CAMERAS if k in ep} or None
             write_demo(data, i, ep, images)
@@ -837,6 +847,8 @@ def replay_episode(states_actions):
     env = _WORKER.get("render_env") or _WORKER["env"]
     buf = {k: [] for k in ("robot_states", "gripper_states", "joint_states", "ee_pos", "ee_ori", "object_states", "states")}
     frames = {k: [] for k in CAMERAS}
+    if "render_env" in _WORKER:
+        set_reflections(env, _WORKER["reflections"])
     for s in states:
         obs = env.regenerate_obs_from_state(s)
         record_step(buf, env, obs)

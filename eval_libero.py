@@ -165,8 +165,12 @@ def make_env(bddl, render):
         return ControlEnv(bddl_file_name=bddl, use_camera_obs=False, has_offscreen_renderer=render, horizon=2000)
 
 
-def render_cameras(env, size, cameras):
-    """{camera: (size, size, 3) uint8} exactly as robosuite's camera observables return them (as rendered)."""
+def render_cameras(env, size, cameras, reflections=True):
+    """{camera: (size, size, 3) uint8} exactly as robosuite's camera observables return them (as rendered);
+    without `reflections` the mirror pass is skipped, as collect_demos.py --no-reflections renders."""
+    import mujoco
+
+    env.env.sim._render_context_offscreen.scn.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = int(reflections)
     return {cam: env.env.sim.render(camera_name=cam, width=size, height=size) for cam in cameras}
 
 
@@ -191,16 +195,17 @@ def run_episode(job):
     if vla:
         # render at the size the training images were rendered at; the policy resizes as training did
         instruction, size = task["language"], int(ckpt["render_size"])
+        reflections = bool(ckpt.get("render_reflections", True))  # as the training images were rendered
         camera_of = {"agentview_rgb": "agentview", "eye_in_hand_rgb": "robot0_eye_in_hand"}
     frames, queue, success, renders = [], [], False, 0
     max_steps = _WORKER["max_steps"] or task["max_steps"]
     for t in range(max_steps):
         if vla and queue and _WORKER["render_every_step"]:
-            render_cameras(env, size, camera_of.values())  # drawn and dropped: the cost of a camera env
+            render_cameras(env, size, camera_of.values(), reflections)  # drawn and dropped: the cost of a camera env
             renders += 1
         if not queue:
             if vla:
-                views = render_cameras(env, size, camera_of.values())
+                views = render_cameras(env, size, camera_of.values(), reflections)
                 renders += 1
                 images = {key: views[cam][None] for key, cam in camera_of.items()}
                 proprio = np.concatenate([obs["robot0_gripper_qpos"], obs["robot0_eef_pos"],

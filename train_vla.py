@@ -335,7 +335,7 @@ class VLAPolicy(nn.Module):
 def load_demos(paths, image_size, max_demos):
     """All demos of all files in memory: per-step images resized to S, proprio, action chunks, task ids."""
     data = dict(images={cam: [] for cam in CAMERAS}, proprio=[], actions=[], task=[], demo_end=[])
-    instructions, task_names, sizes, offset = [], [], set(), 0
+    instructions, task_names, sizes, reflections, offset = [], [], set(), set(), 0
     for path in paths:
         if not os.path.isfile(path):
             fail(f"demos file '{path}' does not exist")
@@ -359,6 +359,7 @@ def load_demos(paths, image_size, max_demos):
                 if key not in first:
                     fail(f"'{path}' is not in LIBERO layout: data/{names[0]} has no '{key}'")
             sizes.add(first[f"obs/{CAMERAS[0]}"].shape[1])
+            reflections.add(bool(f["data"].attrs.get("render_reflections", True)))  # LIBERO's files have them
             if instruction not in instructions:
                 instructions.append(instruction)
             name = f["data"].attrs.get("task", json.loads(f["data"].attrs["problem_info"]).get("problem_name", path))
@@ -378,7 +379,10 @@ def load_demos(paths, image_size, max_demos):
     out["images"] = {cam: np.concatenate(v) for cam, v in data["images"].items()}
     if len(sizes) > 1:
         fail(f"the demos files hold images of different sizes {sorted(sizes)}: re-render them at one size with collect_demos.py --replay")
-    return out, instructions, task_names, sizes.pop()
+    if len(reflections) > 1:
+        fail("some demos files were rendered with reflections and some without (collect_demos.py --no-reflections): "
+             "re-render them one way with collect_demos.py --replay")
+    return out, instructions, task_names, sizes.pop(), reflections.pop()
 
 
 def chunk_indices(idx, demo_end, act_horizon):
@@ -414,7 +418,7 @@ if __name__ == "__main__":
     def amp():  # bf16 autocast on CUDA; full precision on the CPU
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    data, instructions, task_names, render_size = load_demos(args.demos_paths, args.image_size, args.max_demos_per_file)
+    data, instructions, task_names, render_size, reflections = load_demos(args.demos_paths, args.image_size, args.max_demos_per_file)
     N = len(data["actions"])
     print(f"{N} samples of {len(instructions)} tasks; encoding the instructions with all-MiniLM-L6-v2", flush=True)
     text_table = encode_instructions(instructions)  # (num_tasks, Dl), frozen: embedded once
@@ -441,7 +445,7 @@ if __name__ == "__main__":
     actions_all = policy.normalize_action(torch.as_tensor(act, device=device))
 
     def save(step, loss):
-        ckpt = dict(kind="vla", tasks=task_names, **policy.config(), model={k: v.cpu() for k, v in model.state_dict().items()},
+        ckpt = dict(kind="vla", tasks=task_names, render_reflections=reflections, **policy.config(), model={k: v.cpu() for k, v in model.state_dict().items()},
                     ema={k: v.cpu() for k, v in ema.state_dict().items()}, args=asdict(args), iteration=step,
                     env_steps=0, eval_success=None, demos_paths=[os.path.abspath(p) for p in args.demos_paths])
         path = os.path.join(run_dir, "vla.pt")

@@ -20,7 +20,7 @@ import train_vla  # noqa: E402
 
 TASK = "libero_spatial_0"
 VLA_KEYS = {"kind", "tasks", "act_dim", "obs_horizon", "act_horizon", "act_exec", "proprio_dim", "proprio_keys",
-            "cameras", "image_size", "crop_size", "render_size", "flip", "normalizer", "instructions", "model", "ema", "args",
+            "cameras", "image_size", "crop_size", "render_size", "render_reflections", "flip", "normalizer", "instructions", "model", "ema", "args",
             "iteration", "flow_steps", "action_head"}
 
 
@@ -40,7 +40,7 @@ def vla_run(tmp_path_factory):
     """2 scripted demos at 32x32 and a VLA trained on them for 3 steps: returns (cwd, checkpoint path)."""
     cwd = tmp_path_factory.mktemp("vla")
     r = run("collect_demos.py", ["--task", TASK, "--num-demos", "2", "--image-size", "32", "--num-workers", "2",
-                                 "--out-path", "demos.hdf5", "--quiet"], cwd)
+                                 "--no-reflections", "--out-path", "demos.hdf5", "--quiet"], cwd)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     r = run("train_vla.py", ["--demos-paths", "demos.hdf5", "--image-size", "32", "--num-steps", "3", "--batch-size", "4",
                              "--channels", "8", "--head-dim", "32", "--log-every", "1", "--torch-threads", "2"], cwd)
@@ -57,6 +57,7 @@ def test_checkpoint_holds_what_evaluation_needs(vla_run):
     assert ckpt["kind"] == "vla" and ckpt["tasks"] == [TASK] and ckpt["iteration"] == 3
     assert (ckpt["image_size"], ckpt["crop_size"], ckpt["act_horizon"], ckpt["act_exec"]) == (32, 29, 8, 4)
     assert ckpt["render_size"] == 32  # the demos' image size, which evaluation renders at
+    assert ckpt["render_reflections"] is False  # the demos were rendered --no-reflections; so will evaluation be
     (instruction, embedding), = ckpt["instructions"].items()
     assert "black bowl" in instruction and embedding.shape == (384,)
     # the stored embedding is the frozen encoder's: evaluating a known task needs no encoder
@@ -132,6 +133,14 @@ def test_on_demand_rendering_matches_the_training_images():
     np.testing.assert_array_equal(views["agentview"], obs["agentview_image"])
     np.testing.assert_array_equal(views["robot0_eye_in_hand"], obs["robot0_eye_in_hand_image"])
     assert obs["agentview_image"].std() > 5
+    # without the mirror pass (collect_demos.py --no-reflections): the same agreement, and the table's reflections are gone
+    collect_demos.set_reflections(with_cams, False)
+    plain = with_cams.regenerate_obs_from_state(state)
+    views = eval_libero.render_cameras(with_cams, 32, ("agentview",), reflections=False)
+    np.testing.assert_array_equal(views["agentview"], plain["agentview_image"])
+    assert np.abs(plain["agentview_image"].astype(int) - obs["agentview_image"]).max() > 20
+    eval_libero.render_cameras(with_cams, 32, ("agentview",))  # the default puts them back
+    np.testing.assert_array_equal(with_cams.regenerate_obs_from_state(state)["agentview_image"], obs["agentview_image"])
 
     on_demand = eval_libero.make_env(task["bddl"], render=True)
     on_demand.reset()
