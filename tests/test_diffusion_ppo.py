@@ -192,6 +192,11 @@ def test_wilson_interval():
     low, high = dp.wilson_interval(25, 50)
     assert low + high == pytest.approx(1.0) and low == pytest.approx(0.3664, abs=1e-4)
     assert dp.wilson_interval(50, 50)[1] == pytest.approx(1.0)
+    # never outside [0, 1], even where rounding would put an end a hair past it (seen as -0.00)
+    for n in range(1, 51):
+        for k in range(n + 1):
+            low, high = dp.wilson_interval(k, n)
+            assert 0.0 <= low <= k / n + 1e-12 and k / n - 1e-12 <= high <= 1.0
 
 
 def run_collect(args, cwd, timeout=600):
