@@ -504,12 +504,11 @@ def denoising_discount(K_ft, gamma_denoising):
 
 # --- begin copied block: wilson interval and reward scaling ---
 def wilson_interval(successes, n, z=1.96):
-    """95% Wilson score interval of a success rate."""
+    """95% Wilson score interval of a success rate, clamped to [0, 1] (rounding can put an end a hair outside)."""
     if n == 0:
         return 0.0, 1.0
     p = successes / n
     centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    # clamped: at 0 or n successes rounding can put an end a hair outside [0, 1] (printed as -0.00)
     return max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))
 
 
