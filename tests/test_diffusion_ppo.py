@@ -222,3 +222,25 @@ def test_collect_demos_rejects_other_checkpoints(tiny_run, tmp_path):
     assert_one_sentence_error(r, "kind 'vla'")
     r = run_collect(["--policy", str(run_dir / "expert.pt"), "--task", "libero_object_0"], tmp_path)
     assert_one_sentence_error(r, "trained on libero_spatial_0")
+
+
+def test_skipping_the_repeated_forward_keeps_states_bit_identical():
+    """Two envs from the same init state and actions, one with robosuite's controller forward
+    dropped, end in the same MuJoCo state; a reset builds a new controller, and it is patched too."""
+    bddl, init_states = dp.task_bddl_and_init_states("libero_spatial_0")
+    rng = np.random.default_rng(0)
+    actions = np.concatenate([rng.uniform(-0.5, 0.5, (30, 6)), np.repeat([[-1.0], [1.0]], 15, axis=0)], axis=1)
+    states = []
+    for patched in (False, True):
+        env = dp.make_control_env(bddl, 100)
+        for _ in range(2):  # twice, so the second pass runs on the controller a reset rebuilt
+            env.reset()
+            env.set_init_state(init_states[0])
+            if patched:
+                dp.skip_repeated_forward(env)
+            assert getattr(env.env.robots[0].controller, "skips_forward", False) == patched
+            for a in actions:
+                env.step(a)
+        states.append(env.env.sim.get_state().flatten())
+        env.close()
+    assert np.array_equal(states[0], states[1])
