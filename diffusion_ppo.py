@@ -160,7 +160,7 @@ class Args:
     update_epochs: int = 10
     """passes over each iteration's batch (DPPO can config update_epochs 10)"""
     num_minibatches: int = 2
-    """minibatches per pass (DPPO can config: 50 envs x 300 steps / batch_size 7500 = 2)"""
+    """minibatches per pass, each with all K' steps of its chunks (DPPO can config: 50 envs x 300 steps x 10 steps / batch_size 7500 = 20 minibatches of (chunk, step) pairs; 2 keep ~110 chunks in one here)"""
     vf_coef: float = 0.5
     """value-loss weight (DPPO can config vf_coef 0.5)"""
     target_kl: float = 1.0
