@@ -106,7 +106,9 @@ class Args:
     eval_episodes: int = 50
     """episodes of each evaluation, on the first N of the task's 50 standard init states"""
     eval_every: int = 10
-    """evaluate every N PPO iterations (DPPO val_freq 10) and after the last one"""
+    """evaluate the deterministic policy every N PPO updates and after the last one (DPPO val_freq 10)"""
+    eval_explore: bool = False
+    """also evaluate the exploring sampler (std floor, noise at the last step) on the init states: doubles the evaluation cost; without it the progress line gives the exploring policy's training success since the last evaluation beside the deterministic one"""
 
     # policy shape
     act_horizon: int = 4
@@ -135,10 +137,12 @@ class Args:
     """EMA decay of the BC weights; the EMA weights are what RL starts from (DPPO ema.decay 0.995)"""
 
     # DPPO fine-tuning
-    total_iterations: int = 300
-    """PPO iterations (DPPO can config n_train_itr 300)"""
-    num_steps: Optional[int] = None
-    """chunk steps per env per iteration (default: one episode, max_episode_steps / act_exec)"""
+    total_iterations: int = 100
+    """PPO updates (DPPO can config n_train_itr 300, of ~8x more episodes each)"""
+    episodes_per_update: int = 16
+    """experience behind one update: roll the envs on (across updates, episodes are never cut) until this many episodes have ended, whatever --num-envs is; DPPO's can config has ~50-100 a batch on a GPU node"""
+    minibatch_size: int = 128
+    """chunks per minibatch, each with all K' of its denoising steps (1280 (chunk, step) pairs; DPPO can config batch_size 7500 pairs)"""
     gamma: float = 0.999
     """environment discount per chunk step (DPPO can config gamma 0.999)"""
     gae_lambda: float = 0.95
@@ -158,17 +162,21 @@ class Args:
     critic_lr: float = 1e-3
     """critic learning rate (DPPO can config critic_lr 1e-3)"""
     update_epochs: int = 10
-    """passes over each iteration's batch (DPPO can config update_epochs 10)"""
-    num_minibatches: int = 2
-    """minibatches per pass, each with all K' steps of its chunks (DPPO can config: 50 envs x 300 steps x 10 steps / batch_size 7500 = 20 minibatches of (chunk, step) pairs; 2 keep ~110 chunks in one here)"""
+    """passes over each update's batch (DPPO can config update_epochs 10)"""
     vf_coef: float = 0.5
     """value-loss weight (DPPO can config vf_coef 0.5)"""
+    bc_loss_coeff: float = 0.0
+    """weight of DPPO's optional behaviour-cloning regulariser: -log-likelihood, under the fine-tuned chain, of chains the frozen BC denoiser samples at the batch's states (DPPO use_bc_loss / bc_loss_coeff; off in its can config)"""
     target_kl: float = 1.0
-    """stop the iteration's updates once the approximate KL exceeds this (DPPO can config target_kl 1)"""
+    """stop the update's epochs once the approximate KL exceeds this (DPPO can config target_kl 1)"""
     max_grad_norm: float = 1.0
     """gradient-norm clip of the fine-tuned denoiser (a safety net; DPPO's robomimic configs leave it off)"""
-    critic_warmup_iters: int = 2
-    """first iterations update only the critic (DPPO can config n_critic_warmup_itr 2)"""
+    signal_min_return_std: float = 1e-3
+    """an update whose ended episodes' discounted returns spread less than this (no success, or all succeeded alike) trains the critic only: its advantages would be the critic's noise; 0 never skips"""
+    critic_warmup_ev: float = 0.5
+    """update only the critic until its explained variance on a fresh batch, before that batch's update, reaches this (DPPO instead warms up a fixed n_critic_warmup_itr 2)"""
+    critic_warmup_max: int = 5
+    """at most this many critic-only updates for the warm-up, whatever the explained variance"""
     time_limit_min: Optional[float] = None
     """stop fine-tuning once this many minutes of wall time (BC and evaluations included) have passed, with a last evaluation"""
 
@@ -448,17 +456,18 @@ class DiffusionPolicy(nn.Module):
         return mean, self.post_std[k, None, None].expand_as(mean)
 
     @torch.no_grad()
-    def sample(self, obs, explore):
+    def sample(self, obs, explore, base=False):
         """Normalised obs (B, Do) -> chunk x_0 (B, Ta, Da) in [-1, 1] and chain (B, K'+1, Ta, Da) = x_K' .. x_0.
 
         explore=True is fine-tuning's sampler: every step's std floored at min_std, so the chain
         has the density `chain_log_prob` scores. explore=False is plain DDPM (no noise at k = 1).
+        base=True samples with the frozen BC denoiser at every step (the BC regulariser's teacher).
         """
         B = obs.shape[0]
         x = torch.randn(B, self.act_horizon, self.act_dim, device=obs.device)
         chain = [x] if self.K_ft == self.K else []
         for k in range(self.K, 0, -1):
-            net = self.actor_ft if k <= self.K_ft else self.actor
+            net = self.actor_ft if k <= self.K_ft and not base else self.actor
             mean, std = self.step_mean_std(x, torch.full((B,), k, device=obs.device), obs, net)
             if explore:
                 std = std.clamp(min=self.min_std)
@@ -490,6 +499,19 @@ class DiffusionPolicy(nn.Module):
         obs = torch.as_tensor(np.asarray(obs), dtype=torch.float32, device=self.obs_mean.device)
         chunk, _ = self.sample(self.normalize_obs(obs), explore)
         return self.unnormalize_action(chunk[:, : self.act_exec]).cpu().numpy()
+
+    def bc_loss(self, obs):
+        """DPPO's behaviour-cloning regulariser at normalised states (B, Do): minus the PPO-scale
+        log-likelihood, under the fine-tuned chain, of chains the frozen BC denoiser samples there."""
+        _, teacher_chain = self.sample(obs, explore=True, base=True)
+        return -ppo_log_prob(self, obs, teacher_chain, self.act_exec).mean()
+
+    def after_actor_step(self):
+        """Called after each actor optimiser step; the denoiser has no constrained parameter to project."""
+
+    def log_scalars(self):
+        """Scalars of the policy itself for the progress line and TensorBoard: none for the denoiser."""
+        return {}
 
 
 # small maths, each held by a unit test
@@ -563,6 +585,116 @@ class RewardScaler:
     def load_state_dict(self, d):
         self.mean, self.var, self.count = d["mean"], d["var"], d["count"]
 # --- end copied block: wilson interval and reward scaling ---
+
+
+# --- begin copied block: rollout and ppo update ---
+@torch.no_grad()
+def rollout(policy, envs, next_obs, min_episodes, gamma):
+    """Roll the vector env on, one chunk step of every env at a time, with the exploring sampler until
+    at least `min_episodes` episodes have ended, whatever the number of envs. Episodes still running
+    go on in the next batch (their last step is bootstrapped by the critic). Returns the batch,
+    (T, N, ...) over chunk steps and envs, and the envs' current observations."""
+    device, N = policy.obs_mean.device, envs.num_envs
+    steps_obs, steps_next, steps_chain, steps_rew, steps_term, steps_done = [], [], [], [], [], []
+    batch = dict(ep_success=[], ep_len=[], ep_return=[], env_steps=0, env_time=0.0)
+    while len(batch["ep_success"]) < min_episodes:
+        obs = policy.normalize_obs(torch.as_tensor(next_obs, device=device))
+        chunk, chain = policy.sample(obs, explore=True)
+        t0 = time.time()
+        next_obs, reward, terminated, truncated, info = envs.step(policy.unnormalize_action(chunk[:, : policy.act_exec]).cpu().numpy())
+        batch["env_time"] += time.time() - t0
+        done = terminated | truncated
+        real_next, steps = next_obs.copy(), np.asarray(info.get("steps", np.zeros(N)), dtype=np.int64)
+        for i in np.nonzero(done)[0]:  # same-step autoreset: the finished episode's data sits in info
+            real_next[i], steps[i] = info["final_obs"][i], info["final_info"]["steps"][i]
+            t = int(info["final_info"]["t"][i])
+            batch["ep_success"].append(float(terminated[i]))
+            batch["ep_len"].append(t)
+            # the discounted return of the episode: reward 1 at its last chunk step on success
+            batch["ep_return"].append(float(terminated[i]) * gamma ** (math.ceil(t / policy.act_exec) - 1))
+        batch["env_steps"] += int(steps.sum())
+        steps_obs.append(obs)
+        steps_next.append(policy.normalize_obs(torch.as_tensor(real_next, device=device)))
+        steps_chain.append(chain)
+        steps_rew.append(reward)
+        steps_term.append(terminated)
+        steps_done.append(done)
+    batch.update(obs=torch.stack(steps_obs), next_obs=torch.stack(steps_next), chains=torch.stack(steps_chain),
+                 rewards=np.stack(steps_rew).astype(np.float64), terminated=np.stack(steps_term).astype(np.float64),
+                 dones=np.stack(steps_done).astype(np.float64))
+    return batch, next_obs
+
+
+def has_learning_signal(ep_returns, min_return_std):
+    """Whether the ended episodes' discounted returns differ enough to rank the batch's actions: with
+    no success (or every episode succeeding alike) the advantages are only the critic's noise."""
+    return len(ep_returns) > 0 and float(np.std(ep_returns)) >= min_return_std
+
+
+@torch.no_grad()
+def advantages(policy, critic, scaler, batch, args):
+    """GAE over the batch's chunk steps, normalised over the whole batch; the old log-probabilities
+    of the sampled chains; the critic's explained variance on this batch, before it trains on it."""
+    T, N = batch["rewards"].shape
+    b_obs, b_chain = batch["obs"].flatten(0, 1), batch["chains"].flatten(0, 1)  # (T*N, Do), (T*N, K'+1, Ta, Da)
+    values = critic(b_obs).view(T, N)
+    next_values = critic(batch["next_obs"].flatten(0, 1)).view(T, N)
+    old_logp = torch.cat([ppo_log_prob(policy, b_obs[i : i + 1024], b_chain[i : i + 1024], policy.act_exec)
+                          for i in range(0, T * N, 1024)])  # (T*N, K')
+    rewards = torch.as_tensor(scaler(batch["rewards"], batch["dones"]), dtype=torch.float32, device=b_obs.device)
+    term, dones = (torch.as_tensor(batch[k], dtype=torch.float32, device=b_obs.device) for k in ("terminated", "dones"))
+    adv, returns = gae(rewards, values, next_values, term, dones, args.gamma, args.gae_lambda)
+    adv, returns, values = adv.view(-1), returns.view(-1), values.view(-1)
+    var_y = returns.var().item()
+    explained_variance = float("nan") if var_y == 0 else 1 - (returns - values).var().item() / var_y
+    adv = (adv - adv.mean()) / (adv.std() + 1e-8) if len(adv) > 1 else adv  # over the whole batch, not per minibatch
+    return dict(obs=b_obs, chains=b_chain, old_logp=old_logp, adv=adv, returns=returns,
+                explained_variance=explained_variance)
+
+
+def ppo_update(policy, critic, actor_opt, critic_opt, data, args, clip_coefs, discounts, update_actor, bc_loss_coeff=0.0):
+    """update_epochs passes over the batch in minibatches of ~minibatch_size chunks, each chunk with all
+    its fine-tuned steps. The critic always trains; the actor only when `update_actor`. Returns the logs."""
+    actor_params = [p for p in policy.parameters() if p.requires_grad]
+    n = len(data["adv"])
+    logs = dict(value_loss=[], policy_loss=[], bc_loss=[], approx_kl=[], clipfrac=[], actor_steps=0, critic_steps=0)
+    for epoch in range(args.update_epochs):
+        approx_kl = 0.0
+        for mb in torch.randperm(n, device=data["adv"].device).tensor_split(max(1, round(n / args.minibatch_size))):
+            v_loss = 0.5 * ((critic(data["obs"][mb]) - data["returns"][mb]) ** 2).mean()
+            loss = args.vf_coef * v_loss
+            logs["value_loss"].append(v_loss.item())
+            if update_actor:
+                adv = data["adv"][mb, None] * discounts  # (B, K'): the chunk's advantage, discounted per denoising step
+                logratio = ppo_log_prob(policy, data["obs"][mb], data["chains"][mb], policy.act_exec) - data["old_logp"][mb]
+                ratio = logratio.exp()
+                pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip_coefs, 1 + clip_coefs)).mean()
+                loss = loss + pg_loss
+                if bc_loss_coeff > 0:
+                    bc_loss = policy.bc_loss(data["obs"][mb])
+                    loss = loss + bc_loss_coeff * bc_loss
+                    logs["bc_loss"].append(bc_loss.item())
+                with torch.no_grad():
+                    approx_kl = ((ratio - 1) - logratio).mean().item()
+                    logs["clipfrac"].append(((ratio - 1).abs() > clip_coefs).float().mean().item())
+                logs["policy_loss"].append(pg_loss.item())
+                logs["approx_kl"].append(approx_kl)
+            actor_opt.zero_grad()
+            critic_opt.zero_grad()
+            loss.backward()
+            critic_opt.step()
+            logs["critic_steps"] += 1
+            if update_actor:
+                nn.utils.clip_grad_norm_(actor_params, args.max_grad_norm)
+                actor_opt.step()
+                policy.after_actor_step()
+                logs["actor_steps"] += 1
+                if approx_kl > args.target_kl:
+                    break
+        if approx_kl > args.target_kl:
+            break
+    return logs
+# --- end copied block: rollout and ppo update ---
 
 
 # warm-start data
@@ -647,14 +779,15 @@ def action_chunks(actions, act_horizon):
 
 # --- begin copied block: evaluation and resuming ---
 @torch.no_grad()
-def evaluate(policy, envs, init_states):
-    """Run one episode from each init state with the deterministic policy (explore=False); returns the number of successes."""
+def evaluate(policy, envs, init_states, explore=False):
+    """Run one episode from each init state with the deterministic policy (or, with explore=True, the
+    exploring sampler that fine-tuning optimises); returns the number of successes."""
     n = envs.num_envs
     envs.set_attr("eval_queue", [list(init_states[i::n]) for i in range(n)])
     obs, _ = envs.reset()
     finished, successes = 0, 0
     while finished < len(init_states):
-        actions = policy.act(obs, explore=False)
+        actions = policy.act(obs, explore=explore)
         obs, _, terminated, truncated, _ = envs.step(actions)
         finished += int((terminated | truncated).sum())  # idle envs never report an end
         successes += int(terminated.sum())
@@ -669,11 +802,15 @@ def plot_eval_history(history, path, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    h = np.asarray(history, dtype=np.float64)  # rows: iteration, env steps, wall seconds, success
+    # rows: iteration, env steps, wall seconds, success, exploring sampler's success (or None), training success
+    h = np.asarray([[np.nan if v is None else v for v in row] for row in history], dtype=np.float64)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), sharey=True)
     for ax, x, label in ((axes[0], h[:, 1], "env steps"), (axes[1], h[:, 2] / 60, "wall time (min)")):
-        ax.plot(x, h[:, 3], "o-"), ax.set_xlabel(label), ax.grid(alpha=0.3)
-    axes[0].set_ylabel("success on the init states"), axes[0].set_ylim(-0.02, 1.02)
+        ax.plot(x, h[:, 3], "o-", label="deterministic, init states")
+        ax.plot(x, h[:, 4], "x--", alpha=0.6, label="exploring sampler, init states")
+        ax.plot(x, h[:, 5], ".:", alpha=0.6, label="training episodes (exploring)")
+        ax.set_xlabel(label), ax.grid(alpha=0.3)
+    axes[0].set_ylabel("success on the init states"), axes[0].set_ylim(-0.02, 1.02), axes[0].legend(fontsize=8)
     fig.suptitle(title), fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -698,12 +835,15 @@ def load_resume(path, task):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     suite_name, _ = parse_task(args.task)
-    if args.eval_episodes < 1 or args.num_envs < 1:
-        fail("--eval-episodes and --num-envs must be at least 1")
+    for flag in ("eval_episodes", "num_envs", "eval_every", "episodes_per_update", "minibatch_size", "update_epochs",
+                 "act_exec"):
+        if getattr(args, flag) < 1:
+            fail(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.critic_warmup_max < 0:
+        fail("--critic-warmup-max must be 0 (no warm-up) or more")
     resumed = load_resume(args.resume, args.task) if args.resume else None
     demos_path = None if resumed else find_or_collect_demos(args)
     max_episode_steps = args.max_episode_steps or STEP_LIMITS[suite_name]
-    T = args.num_steps or math.ceil(max_episode_steps / args.act_exec)  # chunk steps per env per iteration
     N, K_ft, Te = args.num_envs, args.ft_denoising_steps, args.act_exec
     run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.dirname(os.path.abspath(args.resume)) if resumed else os.path.join(args.out_dir, run_name)
@@ -787,18 +927,22 @@ if __name__ == "__main__":
     critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
     scaler = RewardScaler(N, args.gamma)
     # everything that summary.json reports and a resumed run continues from
-    stats = dict(iteration=0, env_steps=0, wall_time=0.0, bc_success=None, eval_success=None, eval_ci=None,
-                 best_success=-1.0, eval_history=[], actor_grad_steps=0, critic_grad_steps=0)
+    stats = dict(iteration=0, env_steps=0, episodes=0, wall_time=0.0, bc_success=None, eval_success=None, eval_ci=None,
+                 eval_explore_success=None, best_success=-1.0, best_ci=None, best_iteration=None, best_env_steps=None,
+                 best_wall_time=None, eval_history=[], actor_grad_steps=0,
+                 critic_grad_steps=0, critic_ready=False, skipped_actor_updates=0)
     if resumed:
         critic.load_state_dict(resumed["critic"])
         actor_opt.load_state_dict(resumed["optimizers"]["actor"])
         critic_opt.load_state_dict(resumed["optimizers"]["critic"])
         scaler.load_state_dict(resumed["reward_scaler"])
         torch.set_rng_state(resumed["rng"])
-        stats.update({k: resumed[k] for k in stats})
+        stats.update({k: resumed[k] for k in stats if k in resumed})
         print(f"resumed {args.resume} at iteration {stats['iteration']}, {stats['env_steps']} env steps", flush=True)
     wall_offset = stats["wall_time"]
 
+    recent_train_success = []  # the exploring policy's episodes since the last evaluation
+    # --- begin copied block: checkpoints and evaluation in the loop ---
     def save(name):
         """Checkpoint dict (DESIGN.md): rebuilds the policy alone, and resumes the run."""
         stats["wall_time"] = wall_offset + time.time() - start_time
@@ -813,19 +957,34 @@ if __name__ == "__main__":
             json.dump(dict(run_name=run_name, task=args.task, final_success=stats["eval_success"], **stats), f, indent=2)
 
     def run_eval():
-        """Evaluate on the init states, log, keep the best checkpoint; returns text for the progress line."""
+        """Evaluate the deterministic policy (and with --eval-explore the exploring sampler) on the init
+        states, log, keep the best deterministic checkpoint; returns text for the progress line."""
         t0 = time.time()
         successes = evaluate(policy, envs, init_states)
+        explore_rate = evaluate(policy, envs, init_states, explore=True) / len(init_states) if args.eval_explore else None
+        train_rate = float(np.mean(recent_train_success)) if recent_train_success else None
+        recent_train_success.clear()
         rate, ci = successes / len(init_states), list(wilson_interval(successes, len(init_states)))
-        stats.update(eval_success=rate, eval_ci=ci)
-        stats["eval_history"].append([stats["iteration"], stats["env_steps"], wall_offset + time.time() - start_time, rate])
+        stats.update(eval_success=rate, eval_ci=ci, eval_explore_success=explore_rate)
+        stats["eval_history"].append([stats["iteration"], stats["env_steps"], wall_offset + time.time() - start_time,
+                                      rate, explore_rate, train_rate])
         plot_eval_history(stats["eval_history"], os.path.join(run_dir, "success.png"), f"{args.task}, {args.exp_name}")
-        for tag, value in {"success_rate": rate, "ci_low": ci[0], "ci_high": ci[1]}.items():
-            writer.add_scalar(f"eval/{tag}", value, stats["env_steps"])
+        scalars = {"success_rate": rate, "ci_low": ci[0], "ci_high": ci[1], "explore_success_rate": explore_rate,
+                   "train_success_since_last_eval": train_rate}
+        for tag, value in scalars.items():
+            if value is not None:
+                writer.add_scalar(f"eval/{tag}", value, stats["env_steps"])
         if rate > stats["best_success"]:
-            stats["best_success"] = rate
+            stats.update(best_success=rate, best_ci=ci, best_iteration=stats["iteration"],
+                         best_env_steps=stats["env_steps"], best_wall_time=wall_offset + time.time() - start_time)
             save("expert.pt")
-        return f"eval {rate:.2f} [{ci[0]:.2f}, {ci[1]:.2f}] on {len(init_states)} init states ({time.time() - t0:.0f}s)"
+        explore = "" if explore_rate is None else f", exploring sampler {explore_rate:.2f}"
+        train = "" if train_rate is None else f" (training episodes since the last: {train_rate:.2f})"
+        return f"eval {rate:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]{explore} on {len(init_states)} init states{train} ({time.time() - t0:.0f}s)"
+
+    def out_of_time():
+        return args.time_limit_min is not None and wall_offset + time.time() - start_time > 60 * args.time_limit_min
+    # --- end copied block: checkpoints and evaluation in the loop ---
 
     seeds = np.random.default_rng([args.seed, stats["iteration"]]).integers(2**31 - 1, size=N)
     next_obs, _ = envs.reset(seed=[int(s) for s in seeds])
@@ -835,110 +994,59 @@ if __name__ == "__main__":
         print(f"iter 0 (BC): {text}", flush=True)
         save("last.pt")
         next_obs, _ = envs.reset()
-
-    # ALGO LOGIC: DPPO rollout storage, (T, N, ...) over chunk steps and envs
-    obs_buf = torch.zeros(T, N, obs_dim, device=device)
-    next_obs_buf = torch.zeros(T, N, obs_dim, device=device)  # what followed each step, before autoreset
-    chain_buf = torch.zeros(T, N, K_ft + 1, args.act_horizon, ACT_DIM, device=device)
-    rew_buf, term_buf, done_buf = np.zeros((T, N)), np.zeros((T, N)), np.zeros((T, N))
     clip_coefs = clip_schedule(K_ft, args.clip_coef_base, args.clip_coef, CLIP_COEF_RATE).to(device)
     discounts = denoising_discount(K_ft, args.gamma_denoising).to(device)
+    bc_loss_coeff = args.bc_loss_coeff
 
-    def out_of_time():
-        return args.time_limit_min is not None and wall_offset + time.time() - start_time > 60 * args.time_limit_min
-
+    # --- begin copied block: training loop ---
     while stats["iteration"] < args.total_iterations and not out_of_time():
         stats["iteration"] += 1
-        it_start, env_time, it_steps, ep_success, ep_len = time.time(), 0.0, 0, [], []
-        for t in range(T):
-            obs_buf[t] = policy.normalize_obs(torch.as_tensor(next_obs, device=device))
-            chunk, chain_buf[t] = policy.sample(obs_buf[t], explore=True)
-            t0 = time.time()
-            next_obs, reward, terminated, truncated, info = envs.step(policy.unnormalize_action(chunk[:, :Te]).cpu().numpy())
-            env_time += time.time() - t0
-            done = terminated | truncated
-            real_next, steps = next_obs.copy(), np.asarray(info.get("steps", np.zeros(N)), dtype=np.int64)
-            for i in np.nonzero(done)[0]:  # same-step autoreset: the finished episode's data sits in info
-                real_next[i], steps[i] = info["final_obs"][i], info["final_info"]["steps"][i]
-                ep_success.append(float(terminated[i]))
-                ep_len.append(int(info["final_info"]["t"][i]))
-            it_steps += int(steps.sum())
-            next_obs_buf[t] = policy.normalize_obs(torch.as_tensor(real_next, device=device))
-            rew_buf[t], term_buf[t], done_buf[t] = reward, terminated, done
-        stats["env_steps"] += it_steps
+        it_start = time.time()
+        # ALGO LOGIC: experience until episodes_per_update episodes have ended, then one PPO update on all of it
+        batch, next_obs = rollout(policy, envs, next_obs, args.episodes_per_update, args.gamma)
+        data = advantages(policy, critic, scaler, batch, args)
+        if not stats["critic_ready"]:  # warm-up ends once the critic predicts fresh returns, or after a bounded wait
+            warmup_done = stats["iteration"] > args.critic_warmup_max
+            stats["critic_ready"] = warmup_done or data["explained_variance"] >= args.critic_warmup_ev
+        signal = has_learning_signal(batch["ep_return"], args.signal_min_return_std)
+        update_actor = stats["critic_ready"] and signal
+        stats["skipped_actor_updates"] += int(stats["critic_ready"] and not signal)
+        logs = ppo_update(policy, critic, actor_opt, critic_opt, data, args, clip_coefs, discounts, update_actor,
+                          bc_loss_coeff)
+        stats["env_steps"] += batch["env_steps"]
+        stats["episodes"] += len(batch["ep_success"])
+        recent_train_success.extend(batch["ep_success"])
+        stats["actor_grad_steps"] += logs["actor_steps"]
+        stats["critic_grad_steps"] += logs["critic_steps"]
 
-        # ALGO LOGIC: advantages over chunk steps, old log-probabilities of the denoising chains
-        b_obs, b_chain = obs_buf.view(T * N, obs_dim), chain_buf.view(T * N, *chain_buf.shape[2:])
-        with torch.no_grad():
-            values = critic(b_obs).view(T, N)
-            next_values = critic(next_obs_buf.view(T * N, obs_dim)).view(T, N)
-            old_logp = torch.cat([ppo_log_prob(policy, b_obs[i : i + 1024], b_chain[i : i + 1024], Te)
-                                  for i in range(0, T * N, 1024)])  # (T*N, K')
-            rewards = torch.as_tensor(scaler(rew_buf, done_buf), dtype=torch.float32, device=device)
-            term, dones = (torch.as_tensor(x, dtype=torch.float32, device=device) for x in (term_buf, done_buf))
-            advantages, returns = gae(rewards, values, next_values, term, dones, args.gamma, args.gae_lambda)
-        b_adv, b_ret, b_val = advantages.view(-1), returns.view(-1), values.view(-1)
-
-        # ALGO LOGIC: PPO over (chunk, fine-tuned denoising step) pairs
-        update_actor = stats["iteration"] > args.critic_warmup_iters
-        mb_size = max(1, (T * N) // args.num_minibatches)
-        logs = {"value_loss": [], "policy_loss": [], "approx_kl": [], "clipfrac": []}
-        for epoch in range(args.update_epochs):
-            perm, approx_kl = torch.randperm(T * N, device=device), 0.0
-            for start in range(0, mb_size * args.num_minibatches, mb_size):
-                mb = perm[start : start + mb_size]
-                v_loss = 0.5 * ((critic(b_obs[mb]) - b_ret[mb]) ** 2).mean()
-                loss = args.vf_coef * v_loss
-                logs["value_loss"].append(v_loss.item())
-                if update_actor:
-                    adv = b_adv[mb]
-                    if len(mb) > 1:
-                        adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-                    adv = adv[:, None] * discounts  # (B, K'): the chunk's advantage, discounted per denoising step
-                    logratio = ppo_log_prob(policy, b_obs[mb], b_chain[mb], Te) - old_logp[mb]
-                    ratio = logratio.exp()
-                    pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip_coefs, 1 + clip_coefs)).mean()
-                    loss = loss + pg_loss
-                    with torch.no_grad():
-                        approx_kl = ((ratio - 1) - logratio).mean().item()
-                        logs["clipfrac"].append(((ratio - 1).abs() > clip_coefs).float().mean().item())
-                    logs["policy_loss"].append(pg_loss.item())
-                    logs["approx_kl"].append(approx_kl)
-                actor_opt.zero_grad()
-                critic_opt.zero_grad()
-                loss.backward()
-                critic_opt.step()
-                stats["critic_grad_steps"] += 1
-                if update_actor:
-                    nn.utils.clip_grad_norm_(policy.actor_ft.parameters(), args.max_grad_norm)
-                    actor_opt.step()
-                    stats["actor_grad_steps"] += 1
-                    if approx_kl > args.target_kl:
-                        break
-            if approx_kl > args.target_kl:
-                break
-
-        it_time = time.time() - it_start
-        var_y = b_ret.var().item()
+        it_time, env_time = time.time() - it_start, batch["env_time"]
         charts = {
-            "charts/train_success_rate": float(np.mean(ep_success)) if ep_success else float("nan"),
-            "charts/episodes": len(ep_success),
-            "charts/episode_length": float(np.mean(ep_len)) if ep_len else float("nan"),
-            "charts/env_steps_per_s": it_steps / it_time,
+            "charts/train_success_rate": float(np.mean(batch["ep_success"])),
+            "charts/episodes": len(batch["ep_success"]),
+            "charts/chunks": data["adv"].numel(),
+            "charts/episode_length": float(np.mean(batch["ep_len"])),
+            "charts/env_steps_per_s": batch["env_steps"] / it_time,
             "charts/env_seconds": env_time,
             "charts/network_seconds": it_time - env_time,
             "charts/iteration": stats["iteration"],
-            "losses/explained_variance": float("nan") if var_y == 0 else 1 - (b_ret - b_val).var().item() / var_y,
-            **{f"losses/{k}": float(np.mean(v)) for k, v in logs.items() if v},
+            "charts/actor_updated": float(update_actor),
+            "losses/explained_variance": data["explained_variance"],
+            **{f"losses/{k}": float(np.mean(v)) for k, v in logs.items() if isinstance(v, list) and v},
         }
+        charts.update({f"charts/{k}": v for k, v in policy.log_scalars().items()})
         for tag, value in charts.items():
             writer.add_scalar(tag, value, stats["env_steps"])
         line = (f"iter {stats['iteration']}/{args.total_iterations}: train success {charts['charts/train_success_rate']:.2f} "
-                f"({len(ep_success)} eps), {stats['env_steps']} env steps, {it_steps / it_time:.0f} steps/s, "
-                f"env {env_time:.1f}s net {it_time - env_time:.1f}s, v_loss {charts['losses/value_loss']:.4f}")
-        if logs["policy_loss"]:
+                f"({len(batch['ep_success'])} eps, {data['adv'].numel()} chunks), {stats['env_steps']} env steps, "
+                f"{batch['env_steps'] / it_time:.0f} steps/s, env {env_time:.1f}s net {it_time - env_time:.1f}s, "
+                f"{''.join(f'{k} {v:.3f}, ' for k, v in policy.log_scalars().items())}v_loss {charts['losses/value_loss']:.4f} ev {data['explained_variance']:.2f}")
+        if update_actor:
             line += (f", pg {charts['losses/policy_loss']:.5f} kl {charts['losses/approx_kl']:.5f} "
                      f"clipfrac {charts['losses/clipfrac']:.3f}")
+        elif not stats["critic_ready"]:
+            line += ", critic warm-up: actor not updated"
+        else:
+            line += ", no learning signal (returns alike): actor not updated"
         if stats["iteration"] % args.eval_every == 0 or stats["iteration"] == args.total_iterations or out_of_time():
             line += " | " + run_eval()
             next_obs, _ = envs.reset()
@@ -951,3 +1059,4 @@ if __name__ == "__main__":
     writer.close()
     print(f"done: BC {stats['bc_success']:.2f}, final {stats['eval_success']:.2f}, best {stats['best_success']:.2f}, "
           f"{stats['env_steps']} env steps, {stats['wall_time'] / 60:.1f} min; checkpoints in {run_dir}", flush=True)
+    # --- end copied block: training loop ---

@@ -68,7 +68,6 @@ class Args:
     """render a VLA's cameras at every control step, as an env with camera observables does (only to time what rendering at query steps saves)"""
 
 
-SUITE_SIZES = {"libero_spatial": 10, "libero_object": 10, "libero_goal": 10, "libero_10": 10, "libero_90": 90}
 STEP_LIMITS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520, "libero_90": 400}
 NUM_SETTLE_STEPS = 10
 SETTLE_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float64)
@@ -91,6 +90,10 @@ def wilson_interval(successes, n, z=1.96):
     return max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))
 
 
+# --- begin copied block: task names ---
+SUITE_SIZES = {"libero_spatial": 10, "libero_object": 10, "libero_goal": 10, "libero_10": 10, "libero_90": 90}
+
+
 def expand_tasks(names):
     """Suites and task names -> task names, or a UserError naming the valid ones."""
     out = []
@@ -104,6 +107,7 @@ def expand_tasks(names):
                             "libero_90) or <suite>_<index> with index 0-9 (0-89 for libero_90)")
         out.append(name)
     return list(dict.fromkeys(out))
+# --- end copied block: task names ---
 
 
 @functools.lru_cache(maxsize=None)

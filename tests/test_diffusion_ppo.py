@@ -21,8 +21,10 @@ sys.path.insert(0, ROOT)
 
 import diffusion_ppo as dp  # noqa: E402
 
-TINY = ["--num-envs", "2", "--num-steps", "3", "--bc-epochs", "1", "--eval-episodes", "2",
-        "--max-episode-steps", "8", "--critic-warmup-iters", "0", "--update-epochs", "2"]
+# 8-step episodes are 2 chunk steps: 3 episodes per update take 2 x 2 chunk steps of the 2 envs (4 episodes, 32
+# env steps). Nothing succeeds in 8 steps, so --signal-min-return-std 0 lets the actor update all the same.
+TINY = ["--num-envs", "2", "--episodes-per-update", "3", "--bc-epochs", "1", "--eval-episodes", "2",
+        "--max-episode-steps", "8", "--critic-warmup-max", "0", "--update-epochs", "2", "--signal-min-return-std", "0"]
 DESIGN_KEYS = {"kind", "task", "obs_dim", "act_dim", "obs_horizon", "act_horizon", "act_exec", "denoising_steps",
                "ft_denoising_steps", "beta_schedule", "min_std", "normalizer", "model", "ema", "critic", "args",
                "iteration", "env_steps", "eval_success"}
@@ -36,7 +38,7 @@ def run(args, cwd, timeout=600):
 def tiny_run(tmp_path_factory):
     """One tiny run in a fresh directory without demos: returns (cwd, run_dir, stdout)."""
     cwd = tmp_path_factory.mktemp("tiny")
-    r = run(["--num-demos", "2", "--total-iterations", "1", *TINY], cwd)
+    r = run(["--num-demos", "2", "--total-iterations", "1", "--bc-loss-coeff", "0.1", *TINY], cwd)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (run_dir,) = (cwd / "runs").iterdir()
     return cwd, run_dir, r.stdout
@@ -54,7 +56,7 @@ def test_tiny_run_collects_demos_and_writes_checkpoints(tiny_run):
     for key in ("bc_success", "final_success", "best_success"):
         assert 0.0 <= summary[key] <= 1.0
     assert summary["best_success"] >= max(summary["bc_success"], summary["final_success"])
-    assert summary["env_steps"] == 2 * 3 * 4  # 2 envs x 3 chunks x 4 actions; nothing succeeds in 8 steps
+    assert summary["env_steps"] == 2 * 4 * 4 and summary["episodes"] == 4  # 2 envs x 4 chunk steps x 4 actions
     assert summary["wall_time"] > 0
     assert summary["actor_grad_steps"] >= 1 and summary["critic_grad_steps"] >= 1
 
@@ -83,8 +85,67 @@ def test_resume_continues_the_run(tiny_run):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "resumed" in r.stdout and "iter 2/2" in r.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["iteration"] == 2 and summary["env_steps"] == 2 * (2 * 3 * 4)
+    assert summary["iteration"] == 2 and summary["env_steps"] == 2 * (2 * 4 * 4)
     assert [h[0] for h in summary["eval_history"]] == [0, 1, 2]
+
+
+def test_update_without_success_moves_the_critic_only(tmp_path, tiny_run):
+    """With the default signal rule, a batch where no episode succeeded trains the critic and leaves
+    the fine-tuned denoiser exactly where BC put it."""
+    cwd, _, _ = tiny_run
+    tiny = [a for a in TINY]
+    i = tiny.index("--signal-min-return-std")
+    del tiny[i : i + 2]
+    r = run(["--demos-path", str(cwd / "data" / "libero_spatial_0_scripted.hdf5"), "--num-demos", "2",
+             "--total-iterations", "1", "--out-dir", str(tmp_path), *tiny], tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "no learning signal" in r.stdout
+    (run_dir,) = tmp_path.iterdir()
+    bc, last = (torch.load(run_dir / name, weights_only=True) for name in ("expert.pt", "last.pt"))
+    assert last["iteration"] == 1 and bc["iteration"] == 0
+    assert last["actor_grad_steps"] == 0 and last["skipped_actor_updates"] == 1 and last["critic_grad_steps"] >= 1
+    for k, v in bc["model"].items():
+        assert torch.equal(v, last["model"][k]), k
+    assert any(not torch.equal(v, last["critic"][k]) for k, v in bc["critic"].items())
+
+
+def test_rollout_gathers_the_asked_episodes_whatever_the_env_count():
+    """rollout() runs until episodes_per_update episodes have ended: 4 episodes of 2 chunk steps take 8 chunk
+    steps of 1 env or 4 of 3 envs (6 episodes), and the batch's shapes follow."""
+    bddl, _ = dp.task_bddl_and_init_states("libero_spatial_0")
+    policy = tiny_policy(K=4, K_ft=2, obs_dim=109, act_dim=7, act_horizon=4, act_exec=4)
+    scaler = dp.RewardScaler(1, 0.999)
+    for num_envs, chunk_steps, episodes in ((1, 8, 4), (3, 4, 6)):
+        args = dp.Args(num_envs=num_envs, act_exec=4)
+        envs = dp.make_vector_env(bddl, 109, args, max_episode_steps=8)
+        next_obs, _ = envs.reset(seed=list(range(num_envs)))
+        batch, next_obs = dp.rollout(policy, envs, next_obs, min_episodes=4, gamma=0.999)
+        envs.close()
+        assert len(batch["ep_success"]) == episodes and batch["ep_len"] == [8] * episodes
+        assert batch["env_steps"] == chunk_steps * num_envs * 4 and next_obs.shape == (num_envs, 109)
+        assert batch["obs"].shape == (chunk_steps, num_envs, 109) and batch["rewards"].shape == (chunk_steps, num_envs)
+        assert batch["chains"].shape == (chunk_steps, num_envs, 3, 4, 7) and batch["dones"].sum() == episodes
+        scaler.ret = np.zeros(num_envs)
+        data = dp.advantages(policy, dp.Critic(109), scaler, batch, args)
+        assert data["adv"].shape == (chunk_steps * num_envs,)
+        assert data["adv"].mean().abs() < 1e-5 and abs(data["adv"].std().item() - 1) < 1e-4  # whole-batch normalisation
+
+
+def test_learning_signal_rule():
+    assert not dp.has_learning_signal([0.0, 0.0, 0.0], 1e-3)  # no success
+    assert dp.has_learning_signal([0.0, 0.0, 0.999**40], 1e-3)  # some succeed
+    assert not dp.has_learning_signal([0.999**40] * 3, 1e-3)  # all succeed at the same length
+    assert dp.has_learning_signal([0.999**40, 0.999**45], 1e-3)  # all succeed, some faster
+    assert dp.has_learning_signal([0.0, 0.0], 0.0)  # 0 never skips
+
+
+def test_bc_regulariser_reaches_only_the_fine_tuned_denoiser():
+    policy = tiny_policy()
+    loss = policy.bc_loss(torch.randn(6, 5))
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() > -2.0  # minus a clamped per-element log-likelihood
+    assert all(p.grad is None for p in policy.actor.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.actor_ft.parameters())
 
 
 def assert_one_sentence_error(r, *words):
@@ -121,11 +182,10 @@ def test_checkpoint_of_another_kind_is_one_sentence(tmp_path):
 # ---- maths ----
 
 
-def tiny_policy(K=6, K_ft=3):
+def tiny_policy(K=6, K_ft=3, obs_dim=5, act_dim=2, act_horizon=3, act_exec=2):
     torch.manual_seed(0)
-    obs_dim, act_dim = 5, 2
-    return dp.DiffusionPolicy(obs_dim, act_dim, 3, 2, K, K_ft, 32, 0.1, 3.0, np.zeros(obs_dim), np.ones(obs_dim),
-                              -np.ones(act_dim), np.ones(act_dim))
+    return dp.DiffusionPolicy(obs_dim, act_dim, act_horizon, act_exec, K, K_ft, 32, 0.1, 3.0, np.zeros(obs_dim),
+                              np.ones(obs_dim), -np.ones(act_dim), np.ones(act_dim))
 
 
 def test_chain_log_prob_matches_torch_normal():

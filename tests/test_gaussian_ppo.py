@@ -19,8 +19,8 @@ sys.path.insert(0, ROOT)
 
 import gaussian_ppo as gp  # noqa: E402
 
-TINY = ["--num-envs", "2", "--num-steps", "3", "--bc-epochs", "1", "--eval-episodes", "2",
-        "--max-episode-steps", "8", "--critic-warmup-iters", "0", "--update-epochs", "2"]
+TINY = ["--num-envs", "2", "--episodes-per-update", "3", "--bc-epochs", "1", "--eval-episodes", "2",
+        "--max-episode-steps", "8", "--critic-warmup-max", "0", "--update-epochs", "2", "--signal-min-return-std", "0"]
 DESIGN_KEYS = {"kind", "task", "obs_dim", "act_dim", "obs_horizon", "act_horizon", "act_exec", "normalizer", "model",
                "ema", "critic", "args", "iteration", "env_steps", "eval_success", "init_std", "min_std", "max_std"}
 BLOCK = re.compile(r"# --- begin copied block: (.+?) ---\n(.*?)# --- end copied block: \1 ---\n", re.S)
@@ -47,7 +47,7 @@ def test_tiny_run_updates_actor_and_critic_and_writes_checkpoints(tiny_run):
     summary = json.loads((run_dir / "summary.json").read_text())
     for key in ("bc_success", "final_success", "best_success"):
         assert 0.0 <= summary[key] <= 1.0
-    assert summary["env_steps"] == 2 * 3 * 4  # 2 envs x 3 chunks x 4 actions; nothing succeeds in 8 steps
+    assert summary["env_steps"] == 2 * 4 * 4  # 3 episodes per update: 2 envs x 4 chunk steps x 4 actions
     assert summary["actor_grad_steps"] >= 1 and summary["critic_grad_steps"] >= 1
     assert (run_dir / "success.png").is_file()
 
@@ -84,8 +84,8 @@ def test_checkpoint_rolls_out_through_collect_demos(tiny_run, tmp_path):
 
 
 def test_copied_blocks_match_diffusion_ppo():
-    """Environments, critic, GAE, reward scaling, warm-start data, evaluation and checkpoint I/O are
-    copies: a fix in one script must land in the other."""
+    """Environments, critic, GAE, reward scaling, warm-start data, rollout and PPO update, evaluation,
+    checkpoint I/O and the training loop are copies: a fix in one script must land in the other."""
     with open(os.path.join(ROOT, "diffusion_ppo.py")) as f:
         dppo = dict(BLOCK.findall(f.read()))
     with open(SCRIPT) as f:
@@ -94,6 +94,7 @@ def test_copied_blocks_match_diffusion_ppo():
     for name in dppo:
         assert dppo[name] == gauss[name], f"copied block '{name}' differs between diffusion_ppo.py and gaussian_ppo.py"
     assert "class LiberoStateEnv" in dppo["tasks and environments"] and "def gae" in dppo["gae"]
+    assert "def ppo_update" in dppo["rollout and ppo update"] and "rollout(" in dppo["training loop"]
 
 
 def test_other_kind_and_unknown_task_are_one_sentence(tmp_path):

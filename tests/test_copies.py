@@ -1,0 +1,27 @@
+"""The copy rule (STYLE.md): every same-named `# --- begin copied block: <name> ---` block is identical
+in every top-level script that has it, so a fix lands in all of them."""
+
+import glob
+import os
+import re
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BLOCK = re.compile(r"# --- begin copied block: (.+?) ---\n(.*?)# --- end copied block: \1 ---\n", re.S)
+
+
+def test_same_named_blocks_are_identical_in_every_script():
+    blocks = {}  # name -> {script: text}
+    for path in sorted(glob.glob(os.path.join(ROOT, "*.py"))):
+        with open(path) as f:
+            text = f.read()
+        begins, ends = (len(re.findall(rf"^ *# --- {w} copied block:", text, re.M)) for w in ("begin", "end"))
+        assert begins == ends == len(BLOCK.findall(text)), path  # every marker pairs up
+        for name, body in BLOCK.findall(text):
+            blocks.setdefault(name, {})[os.path.basename(path)] = body
+    shared = {name: copies for name, copies in blocks.items() if len(copies) > 1}
+    assert {"task names", "rollout and ppo update", "training loop"} <= set(shared), sorted(shared)
+    assert set(shared["task names"]) == {"eval_libero.py", "run_suite.py"}
+    for name, copies in shared.items():
+        first = next(iter(copies.values()))
+        for script, body in copies.items():
+            assert body == first, f"copied block '{name}' in {script} differs from {next(iter(copies))}"

@@ -1,0 +1,125 @@
+"""Tests of run_suite.py under a local Ray instance: the scripted pipeline on two tasks with an
+interrupt and a resume, a failing task beside one that finishes, the diffusion_ppo chain end to
+end with tiny stages, and the one-sentence errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "run_suite.py")
+SMALL = ["--image-size", "32", "--no-reflections", "--cpus-per-stage", "1"]
+
+
+def run(args, cwd, timeout=900):
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def stage_processes(out_dir):
+    """Processes still running a stage of this out-dir (their command lines name it)."""
+    r = subprocess.run(["pgrep", "-f", str(out_dir)], capture_output=True, text=True)
+    return [int(p) for p in r.stdout.split() if int(p) != os.getpid()]
+
+
+def assert_demos_file(path, num_demos, image_size):
+    with h5py.File(path, "r") as f:
+        data = f["data"]
+        assert data.attrs["num_demos"] == num_demos and json.loads(data.attrs["metrics"])["action_jerk"]["mean"] > 0
+        for i in range(num_demos):
+            obs = data[f"demo_{i}/obs"]
+            T = len(data[f"demo_{i}/actions"])
+            assert obs["agentview_rgb"].shape == (T, image_size, image_size, 3)
+            assert obs["eye_in_hand_rgb"].shape == (T, image_size, image_size, 3)
+            assert obs["agentview_rgb"][()].std() > 0  # a rendered scene, not an empty frame
+
+
+def test_scripted_suite_is_interrupted_then_resumed(tmp_path):
+    """The issue's first command: Ctrl-C once a stage has finished leaves no stage running; the same
+    command again skips what finished and completes both tasks."""
+    out = tmp_path / "suite"
+    cmd = [sys.executable, SCRIPT, "--tasks", "libero_spatial_0", "libero_spatial_1", "--source", "scripted",
+           "--num-demos", "2", *SMALL, "--out-dir", str(out)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stdout:  # wait for the first finished stage
+        lines.append(line)
+        if ": done in " in line:
+            break
+    finished = line.split()[:2]  # [task, stage]
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, "".join(lines) + stdout + stderr
+    assert "run the same command again" in stderr
+    time.sleep(2)
+    assert stage_processes(out) == []  # the cancelled stage took its workers with it
+
+    r = run(cmd[2:], tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"{finished[0]} {finished[1].rstrip(':')}: done already" in r.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["source"] == "scripted"
+    for task in ("libero_spatial_0", "libero_spatial_1"):
+        row = summary["tasks"][task]
+        assert row["status"] == "done" and row["demos_kept"] == 2 and row["demos_tried"] >= 2
+        assert set(row["minutes"]) == {"demos", "report"}
+        assert_demos_file(out / task / f"{task}_scripted.hdf5", 2, 32)
+        assert (out / task / "metrics.png").is_file() and (out / task / "logs" / "demos.log").is_file()
+    assert "| libero_spatial_1 | done |" in (out / "summary.md").read_text()
+
+
+def test_a_failing_task_does_not_stop_the_others(tmp_path):
+    """A directory where libero_spatial_1's demos file must go makes its collection fail after the
+    rollouts; libero_spatial_0 finishes, the failure is named with its log, the exit status is 1."""
+    out = tmp_path / "suite"
+    (out / "libero_spatial_1" / "libero_spatial_1_scripted.hdf5").mkdir(parents=True)
+    r = run(["--tasks", "libero_spatial_0", "libero_spatial_1", "--source", "scripted", "--num-demos", "1", *SMALL,
+             "--out-dir", str(out)], tmp_path)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "libero_spatial_1 demos: FAILED" in r.stdout and "failed: libero_spatial_1" in r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["tasks"]["libero_spatial_0"]["status"] == "done"
+    failed = summary["tasks"]["libero_spatial_1"]
+    assert failed["status"] == "failed" and failed["failed_stage"] == "demos"
+    assert failed["log"].endswith("libero_spatial_1/logs/demos.log") and os.path.isfile(failed["log"])
+
+
+def test_diffusion_ppo_chain_end_to_end(tmp_path):
+    """warm start -> DPPO expert (BC long enough to succeed now and then, one PPO update) -> demos with
+    images rolled out from its expert.pt -> metrics, every stage a real subprocess under Ray."""
+    out = tmp_path / "suite"
+    expert = ("--bc-epochs 150 --total-iterations 1 --episodes-per-update 2 --max-episode-steps 8 --eval-episodes 2 "
+              "--critic-warmup-max 0 --update-epochs 1 --signal-min-return-std 0")
+    r = run(["--tasks", "libero_spatial_0", "--source", "diffusion_ppo", "--warmstart-demos", "20", "--num-demos", "1",
+             *SMALL, f"--expert-args={expert}", "--collect-args=--max-attempts 12", "--out-dir", str(out)], tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    row = json.loads((out / "summary.json").read_text())["tasks"]["libero_spatial_0"]
+    assert row["status"] == "done" and set(row["minutes"]) == {"warmstart", "expert", "demos", "report"}
+    assert row["warmstart_demos"] == 20 and 0 <= row["bc_success"] <= row["expert_success"] <= 1
+    (run_dir,) = (out / "libero_spatial_0" / "expert").iterdir()
+    assert json.loads((run_dir / "summary.json").read_text())["iteration"] == 1
+    demos = out / "libero_spatial_0" / "libero_spatial_0_diffusion_ppo.hdf5"
+    assert_demos_file(demos, 1, 32)
+    with h5py.File(demos, "r") as f:
+        assert f["data"].attrs["source"] == "diffusion_ppo"
+        assert json.loads(f["data"].attrs["generator"])["checkpoint"] == str(run_dir / "expert.pt")
+
+
+@pytest.mark.parametrize("args, words", [
+    ([], ["--tasks"]),
+    (["--tasks", "libero_spatial_10"], ["unknown task 'libero_spatial_10'"]),
+    (["--tasks", "libero_spatial_0", "--source", "human"], ["--source 'human'", "scripted"]),
+    (["--tasks", "libero_spatial_0", "--ray-address", "127.0.0.1:9"], ["cannot reach", "127.0.0.1:9"]),
+    (["--tasks", "libero_spatial_0", "--expert-args=--time-limit-min '3"], ["--expert-args"]),
+])
+def test_bad_input_is_one_sentence_before_any_work(tmp_path, args, words):
+    r = run([*args, "--out-dir", str(tmp_path / "suite")], tmp_path, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    message = r.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: ") and all(w in message for w in words), message
+    assert not (tmp_path / "suite").exists()
