@@ -897,6 +897,7 @@ if __name__ == "__main__":
         alpha_bar = cosine_schedule(args.denoising_steps)[1].float().to(device)
         print(f"behaviour cloning: {len(obs_t)} samples, {args.bc_epochs} epochs of {steps_per_epoch} steps", flush=True)
         step, bc_start = 0, time.time()
+        torch.set_num_threads(max(args.torch_threads, os.cpu_count() or 1))  # the env workers idle until BC ends
         for epoch in range(args.bc_epochs):
             perm, epoch_loss = torch.randperm(len(obs_t), device=device), 0.0
             for i in range(0, len(obs_t), args.bc_batch_size):
@@ -922,6 +923,7 @@ if __name__ == "__main__":
         policy.actor.load_state_dict(ema.state_dict())
         policy.actor_ft.load_state_dict(ema.state_dict())
         del obs_t, act_t, ema, bc_opt
+        torch.set_num_threads(args.torch_threads)
 
     actor_opt = torch.optim.Adam(policy.actor_ft.parameters(), lr=args.actor_lr)
     critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)

@@ -809,6 +809,7 @@ if __name__ == "__main__":
         bc_sched = torch.optim.lr_scheduler.CosineAnnealingLR(bc_opt, args.bc_epochs * steps_per_epoch, args.bc_min_lr)
         print(f"behaviour cloning: {len(obs_t)} samples, {args.bc_epochs} epochs of {steps_per_epoch} steps", flush=True)
         step, bc_start = 0, time.time()
+        torch.set_num_threads(max(args.torch_threads, os.cpu_count() or 1))  # the env workers idle until BC ends
         for epoch in range(args.bc_epochs):
             perm, epoch_loss = torch.randperm(len(obs_t), device=device), 0.0
             for i in range(0, len(obs_t), args.bc_batch_size):
@@ -830,6 +831,7 @@ if __name__ == "__main__":
         bc_ema_state = {k: v.cpu() for k, v in ema.state_dict().items()}
         policy.actor_ft.load_state_dict(ema.state_dict())
         del obs_t, act_t, ema, bc_opt
+        torch.set_num_threads(args.torch_threads)
 
     actor_opt = torch.optim.Adam([*policy.actor_ft.parameters(), policy.log_std], lr=args.actor_lr)
     critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)

@@ -351,6 +351,7 @@ if __name__ == "__main__":
     node_cpus = max(int(n.get("CPU", 0)) for n in nodes)
     has_gpu = any(n.get("GPU", 0) > 0 for n in nodes)
     stage_cpus = min(args.cpus_per_stage, node_cpus)
+    slots = max(1, sum(int(n.get("CPU", 0)) // stage_cpus for n in nodes))  # stages that can run at once
     print(f"Ray: {len(nodes)} node(s), {int(sum(n.get('CPU', 0) for n in nodes))} CPUs, "
           f"{int(sum(n.get('GPU', 0) for n in nodes))} GPUs ({time.time() - t_ray:.1f}s to start); "
           f"{len(tasks)} tasks x {len(TASK_STAGES[args.source])} stages, {stage_cpus} CPUs each; out {args.out_dir}",
@@ -394,9 +395,14 @@ if __name__ == "__main__":
             return
         state[task]["status"] = "done"
 
-    def run_until_drained():
-        """Wait for stages to end; on each, record it and submit the task's next stage."""
-        while pending:
+    def run_until_drained(waiting):
+        """Start tasks while the cluster has room for their stages (so tasks finish one by one, not
+        all at the end); as each stage ends, record it and submit its task's next stage."""
+        while waiting or pending:
+            while waiting and len(pending) < slots:
+                submit_next(waiting.pop(0))  # a task whose stages are all done already submits nothing
+            if not pending:
+                continue
             ready, _ = ray.wait(list(pending), num_returns=1)
             task, stage = pending.pop(ready[0])
             log_path = os.path.join(args.out_dir, task, "logs", f"{stage}.log")
@@ -412,9 +418,7 @@ if __name__ == "__main__":
 
     vla = None
     try:
-        for task in tasks:
-            submit_next(task)
-        run_until_drained()
+        run_until_drained(list(tasks))
 
         # the VLA over every task that made its demos
         if args.vla:
