@@ -312,6 +312,18 @@ def summary_markdown(summary):
     return "\n".join(lines) + "\n"
 
 
+def write_summary(args, state, vla):
+    """summary.json, summary.md and summary.png in --out-dir, as things stand (rewritten after every stage)."""
+    summary = dict(source=args.source, out_dir=args.out_dir, command=shlex.join(["python", "run_suite.py", *sys.argv[1:]]),
+                   tasks=state, vla=vla)
+    write_json(os.path.join(args.out_dir, "summary.json"), summary)
+    table = summary_markdown(summary)
+    with open(os.path.join(args.out_dir, "summary.md.tmp"), "w") as f:
+        f.write(table)
+    os.replace(os.path.join(args.out_dir, "summary.md.tmp"), os.path.join(args.out_dir, "summary.md"))
+    return table, plot_summary(state, os.path.join(args.out_dir, "summary.png"))
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     try:
@@ -359,7 +371,7 @@ if __name__ == "__main__":
     remote_stage = ray.remote(max_retries=0)(run_stage)
 
     # the driver: a per-task chain of stages, the next one submitted when the previous ends
-    state = {t: dict(status="running", minutes={}, **read_json(os.path.join(args.out_dir, t, "stages.json"), {}).get("figures", {}))
+    state = {t: dict(status="queued", minutes={}, **read_json(os.path.join(args.out_dir, t, "stages.json"), {}).get("figures", {}))
              for t in tasks}
     done_stages = {t: read_json(os.path.join(args.out_dir, t, "stages.json"), {}).get("done", {}) for t in tasks}
     pending = {}  # ObjectRef -> (task, stage)
@@ -390,6 +402,7 @@ if __name__ == "__main__":
             cmd = stage_command(args, task, stage, task_dir)
             ref = remote_stage.options(num_cpus=stage_cpus, num_gpus=gpus).remote(cmd, os.path.join(task_dir, "logs", f"{stage}.log"))
             pending[ref] = (task, stage)
+            state[task]["status"] = "running"
             resumed = " (resuming its last.pt)" if "--resume" in cmd else ""
             print(f"{task} {stage}: queued{resumed}", flush=True)
             return
@@ -415,6 +428,7 @@ if __name__ == "__main__":
                 state[task].update(status="failed", failed_stage=stage, log=log_path)
                 print(f"{task} {stage}: FAILED (exit {rc}) after {seconds / 60:.1f} min; last lines of {log_path}:\n"
                       + "".join("    " + line for line in log_tail(log_path).splitlines(True)), flush=True)
+            write_summary(args, state, None)
 
     vla = None
     try:
@@ -472,13 +486,7 @@ if __name__ == "__main__":
         sys.exit(130)
     ray.shutdown()
 
-    # the summary: printed, and written as JSON, Markdown and a PNG
-    summary = dict(source=args.source, out_dir=args.out_dir, command=shlex.join(sys.argv), tasks=state, vla=vla)
-    write_json(os.path.join(args.out_dir, "summary.json"), summary)
-    table = summary_markdown(summary)
-    with open(os.path.join(args.out_dir, "summary.md"), "w") as f:
-        f.write(table)
-    plotted = plot_summary(state, os.path.join(args.out_dir, "summary.png"))
+    table, plotted = write_summary(args, state, vla)
     print("\n" + table, flush=True)
     failed = [t for t in tasks if state[t]["status"] != "done"] + (["vla"] if vla and vla["status"] != "done" else [])
     print(f"summary: {os.path.join(args.out_dir, 'summary.json')}, summary.md" + (", summary.png" if plotted else ""))
