@@ -44,6 +44,7 @@ import logging
 import multiprocessing as mp
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -72,6 +73,8 @@ class Args:
     """rollout / rendering processes, each with its own env (0: one per CPU core)"""
     out_path: Optional[str] = None
     """output file (default: data/<task>_<source>.hdf5, or <input>_replay.hdf5 with --replay)"""
+    overwrite: bool = False
+    """replace an existing --out-path (without it, an existing file is refused before any rollout)"""
     image_size: int = 128
     """side of the square agentview and eye-in-hand images"""
     no_images: bool = False
@@ -433,7 +436,10 @@ def load_policy(spec):
     except (ImportError, AttributeError):
         raise UserError(f"rolling out a '{kind}' checkpoint needs {module}.py beside collect_demos.py")
     torch.set_num_threads(1)  # one core per rollout worker
-    return ckpt, policy_cls.from_checkpoint(ckpt, device="cpu")
+    try:
+        return ckpt, policy_cls.from_checkpoint(ckpt, device="cpu")
+    except Exception as e:
+        raise UserError(f"'{spec}' cannot be rebuilt as a {kind} policy ({type(e).__name__}: {e}): pass one written by {module}.py")
 
 
 def chunk_actor(ckpt, policy):
@@ -683,14 +689,21 @@ def report(paths, png_path):
     print(f"wrote {png_path}")
 
 
-def check_out_path(path):
+def check_out_path(path, overwrite):
+    """Before any rollout: an existing file is refused without --overwrite, and the directory must take a new file."""
+    if os.path.isdir(path):
+        raise UserError(f"--out-path '{path}' is a directory: pass a file name")
+    if os.path.exists(path) and not overwrite:
+        raise UserError(f"'{path}' exists: pass --overwrite to replace it, or another --out-path")
     out_dir = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create the output directory '{out_dir}': {e.strerror}")
-    if not os.access(out_dir, os.W_OK):
-        raise UserError(f"the output directory '{out_dir}' is not writable")
+    try:
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as e:
+        raise UserError(f"the output directory '{out_dir}' does not take new files ({e.strerror}): pass another --out-path")
 
 
 def make_pool(n, init, initargs):
@@ -722,11 +735,11 @@ def render_and_write(args, data, task, episodes, num_workers):
 def collect(args, num_workers):
     policy = load_policy(args.policy)
     if policy is not None and args.task is None:
-        args.task = policy[0]["task"]
+        args.task = policy[0].get("task")
     if args.task is None:
         raise UserError("give --task (e.g. --task libero_spatial_0), --replay FILE or --report FILES")
     task = resolve_task(args.task)
-    if policy is not None and policy[0]["task"] != task["name"]:
+    if policy is not None and policy[0].get("task") != task["name"]:
         raise UserError(f"the checkpoint was trained on {policy[0]['task']}, not on {task['name']}")
     if args.policy == "scripted":
         with contextlib.redirect_stdout(None):  # fail fast on goals the expert cannot do
@@ -739,7 +752,7 @@ def collect(args, num_workers):
             env.close()
     source = "scripted" if policy is None else policy[0]["kind"]
     out_path = args.out_path or os.path.join("data", f"{task['name']}_{source}.hdf5")
-    check_out_path(out_path)
+    check_out_path(out_path, args.overwrite)
     max_attempts = args.max_attempts or 4 * args.num_demos + 10
     seeds = [args.seed * 1_000_003 + i for i in range(max_attempts)]
 
@@ -807,7 +820,7 @@ def replay(args, num_workers):
             ep["seed"] = int(g.attrs.get("seed", -1))
             episodes.append(ep)
     out_path = args.out_path or os.path.splitext(args.replay)[0] + "_replay.hdf5"
-    check_out_path(out_path)
+    check_out_path(out_path, args.overwrite)
     size = None if args.no_images else args.image_size
     # replay in a renderer-free env when no images are wanted: still restores every state
     init = _render_init if size else _rollout_init
@@ -886,6 +899,11 @@ def main(args):
         return report(args.report, args.report_png)
     if args.num_demos < 1:
         raise UserError(f"--num-demos must be at least 1 (got {args.num_demos})")
+    if args.max_attempts is not None and args.max_attempts < 1:
+        raise UserError(f"--max-attempts must be at least 1 (got {args.max_attempts})")
+    for flag in ("num_workers", "seed", "video"):
+        if getattr(args, flag) < 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be 0 or more (got {getattr(args, flag)})")
     if args.image_size < 8:
         raise UserError(f"--image-size must be at least 8 pixels (got {args.image_size})")
     if args.video and args.no_images:

@@ -25,12 +25,14 @@ import os
 os.environ.setdefault("MUJOCO_GL", "egl")  # before anything imports mujoco
 
 import contextlib
+import hashlib
 import functools
 import json
 import logging
 import math
 import multiprocessing as mp
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -145,18 +147,32 @@ def load_checkpoint(path):
 _WORKER = {}
 
 
-def _worker_init(checkpoint_path, use_ema, max_steps, render_every_step):
+def build_policy(ckpt, kind, use_ema):
+    """The checkpoint's policy on the CPU, rebuilt by its training script's class; a UserError when the
+    dict lacks what its kind needs (the parent checks this once before any worker starts)."""
     import importlib
+
+    module, cls = POLICY_SCRIPTS[kind]
+    policy_cls = getattr(importlib.import_module(module), cls)
+    try:
+        return policy_cls.from_checkpoint(ckpt, "cpu", use_ema) if kind == "vla" else policy_cls.from_checkpoint(ckpt, "cpu")
+    except Exception as e:
+        raise UserError(f"the {kind} checkpoint cannot be rebuilt ({type(e).__name__}: {e}): pass one written by {module}.py")
+
+
+def _worker_init(checkpoint_path, use_ema, max_steps, render_every_step):
     import warnings
 
     import torch
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)  # one core per worker
-    ckpt, kind = load_checkpoint(checkpoint_path)
-    module, cls = POLICY_SCRIPTS[kind]
-    policy_cls = getattr(importlib.import_module(module), cls)
-    policy = policy_cls.from_checkpoint(ckpt, "cpu", use_ema) if kind == "vla" else policy_cls.from_checkpoint(ckpt, "cpu")
+    try:
+        ckpt, kind = load_checkpoint(checkpoint_path)
+        policy = build_policy(ckpt, kind, use_ema)
+    except UserError as e:  # the file changed since the parent's check: fail the episodes, never respawn forever
+        _WORKER.update(error=str(e))
+        return
     _WORKER.update(ckpt=ckpt, kind=kind, policy=policy, envs={}, max_steps=max_steps, render_every_step=render_every_step)
 
 
@@ -183,6 +199,8 @@ def run_episode(job):
     import torch
 
     task_name, episode, seed, record = job
+    if "error" in _WORKER:
+        raise UserError(_WORKER["error"])
     ckpt, kind, policy = _WORKER["ckpt"], _WORKER["kind"], _WORKER["policy"]
     task = resolve_task(task_name)
     vla = kind == "vla"
@@ -242,10 +260,12 @@ def quat2axisangle(q):
 # ---------------------------------------------------------------------------------------
 
 
-def summarize(results):
-    """Per-task success with Wilson intervals, suite averages (of task rates) and the overall average."""
+def summarize(results, num_episodes):
+    """Per-task success over the first num_episodes init states (a file may hold more), with Wilson
+    intervals, suite averages (of task rates) and the overall average."""
     per_task, by_suite = {}, {}
     for task, episodes in sorted(results["episodes"].items()):
+        episodes = {k: e for k, e in episodes.items() if int(k) < num_episodes}
         n, s = len(episodes), sum(e["success"] for e in episodes.values())
         lo, hi = wilson_interval(s, n)
         per_task[task] = dict(success_rate=s / n if n else None, successes=s, episodes=n, ci95=[lo, hi])
@@ -279,7 +299,13 @@ def main(args):
         raise UserError("give --checkpoint-path, e.g. --checkpoint-path runs/<run>/vla.pt")
     if args.num_episodes < 1 or args.num_episodes > 50:
         raise UserError(f"--num-episodes must be 1-50, the number of shipped init states (got {args.num_episodes})")
+    for flag in ("num_workers", "max_steps"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)})")
+    if args.video < 0:
+        raise UserError(f"--video must be 0 or more (got {args.video})")
     ckpt, kind = load_checkpoint(args.checkpoint_path)
+    build_policy(ckpt, kind, args.use_ema)  # here, once: a worker that cannot build it would only fail
     own = ckpt.get("tasks") or [ckpt.get("task")]
     tasks = expand_tasks(args.tasks or [t for t in own if t])
     if not tasks:
@@ -289,18 +315,32 @@ def main(args):
     base = os.path.splitext(os.path.abspath(args.checkpoint_path))
     results_path = args.results_path or os.path.join(os.path.dirname(base[0]), f"eval_{os.path.basename(base[0])}.json")
     video_dir = args.video_dir or os.path.join(os.path.dirname(os.path.abspath(results_path)), "videos")
-    results = dict(checkpoint=os.path.abspath(args.checkpoint_path), kind=kind, episodes={},
+    with open(args.checkpoint_path, "rb") as f:  # results belong to the checkpoint's content, not its path
+        sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+    results = dict(checkpoint=os.path.abspath(args.checkpoint_path), checkpoint_sha256=sha256, kind=kind, episodes={},
                    protocol=dict(settle_steps=NUM_SETTLE_STEPS, max_steps=args.max_steps,
                                  seed=args.seed, use_ema=args.use_ema))
+    if os.path.isdir(results_path):
+        raise UserError(f"--results-path '{results_path}' is a directory: pass a file name")
     if os.path.isfile(results_path):
         with open(results_path) as f:
             try:
                 old = json.load(f)
             except ValueError:
-                raise UserError(f"'{results_path}' is not a results JSON: delete it or pass another --results-path")
-        if old.get("checkpoint") != results["checkpoint"] or old.get("protocol") != results["protocol"]:
-            raise UserError(f"'{results_path}' holds results of another checkpoint or protocol: pass another --results-path")
+                old = None
+        if not isinstance(old, dict) or not isinstance(old.get("episodes"), dict):
+            raise UserError(f"'{results_path}' is not a results JSON: delete it or pass another --results-path")
+        if old.get("checkpoint_sha256") != sha256:
+            raise UserError(f"'{results_path}' holds results of another checkpoint (or of an earlier version of this one, "
+                            "written over since): pass another --results-path, or delete it to evaluate from scratch")
+        if old.get("protocol") != results["protocol"]:
+            raise UserError(f"'{results_path}' holds results of another protocol: pass another --results-path")
         results["episodes"] = old["episodes"]
+    try:  # the results directory takes files now, not after the first episode
+        os.makedirs(os.path.dirname(os.path.abspath(results_path)), exist_ok=True)
+        tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(results_path))).close()
+    except OSError as e:
+        raise UserError(f"cannot write results beside '{results_path}' ({e.strerror}): pass another --results-path")
     jobs = []
     for task in tasks:
         done = results["episodes"].setdefault(task, {})
@@ -316,7 +356,7 @@ def main(args):
                                           (args.checkpoint_path, args.use_ema, args.max_steps, args.render_every_step)) as pool:
             for out in pool.imap_unordered(run_episode, jobs):
                 results["episodes"][out["task"]][str(out["episode"])] = dict(success=out["success"], steps=out["steps"])
-                write_json(results_path, summarize(results))
+                write_json(results_path, summarize(results, args.num_episodes))
                 finished += 1
                 task_eps = results["episodes"][out["task"]].values()
                 line = (f"[{finished}/{total}] {out['task']} episode {out['episode']}: "
@@ -325,7 +365,7 @@ def main(args):
                 if out["frames"]:
                     line += f" | {write_video(video_dir, out)}"
                 print(line, flush=True)
-    summarize(results)
+    summarize(results, args.num_episodes)
     write_json(results_path, results)
     elapsed = time.time() - t0
     print(f"{'task':22s} {'success':>8s}  95% CI")

@@ -46,10 +46,13 @@ import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # before anything imports mujoco
 
+import atexit
 import copy
 import json
 import math
 import random
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -271,6 +274,7 @@ class LiberoStateEnv(gym.Env):
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
         if self.env is None:  # robosuite raises when stepped past its horizon: keep it out of reach
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # in the worker: Ctrl-C is the main process's to handle
             self.env = make_control_env(self.bddl, self.max_episode_steps + NUM_SETTLE_STEPS + 10)
         self.idle, self.t = False, 0
         if self.eval_queue is not None:
@@ -649,6 +653,10 @@ def load_demos(path, task, bddl, num_demos):
         file_task = file_task.decode() if isinstance(file_task, bytes) else file_task
         if file_task and file_task != task:
             fail(f"'{path}' holds demos of {file_task}, not {task}: pass --task {file_task} or other demos")
+        bddl_name = data.attrs.get("bddl_file_name")  # all an official LIBERO file says of its task
+        bddl_name = os.path.basename(bddl_name.decode() if isinstance(bddl_name, bytes) else bddl_name or "")
+        if not file_task and bddl_name and bddl_name != os.path.basename(bddl):
+            fail(f"'{path}' holds demos of {bddl_name}, not of {task} ({os.path.basename(bddl)}): pass {task}'s demos")
         try:
             controller = json.loads(data.attrs.get("env_args", "{}"))["env_kwargs"]["controller_configs"]["type"]
         except (KeyError, TypeError, ValueError):
@@ -751,8 +759,21 @@ if __name__ == "__main__":
                  "act_exec"):
         if getattr(args, flag) < 1:
             fail(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.critic_warmup_max < 0:
-        fail("--critic-warmup-max must be 0 (no warm-up) or more")
+    if args.critic_warmup_max < 0 or args.total_iterations < 0:
+        fail("--critic-warmup-max and --total-iterations must be 0 or more")
+    if args.num_demos < 1 or (args.max_episode_steps is not None and args.max_episode_steps < 1):
+        fail("--num-demos and --max-episode-steps must be at least 1")
+    if args.eval_episodes > 50:
+        fail(f"--eval-episodes must be at most 50, the number of shipped init states (got {args.eval_episodes})")
+    if args.time_limit_min is not None and args.time_limit_min <= 0:
+        fail("--time-limit-min must be more than 0")
+    if args.act_exec > args.act_horizon:
+        fail("--act-exec must be at most --act-horizon: a chunk cannot execute more actions than it predicts")
+    existing = os.path.abspath(args.out_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        fail(f"--out-dir '{args.out_dir}' lies under the file '{existing}': pass a directory")
 
     resumed = load_resume(args.resume, args.task) if args.resume else None
     demos_path = None if resumed else find_or_collect_demos(args)
@@ -760,8 +781,29 @@ if __name__ == "__main__":
     N, Te = args.num_envs, args.act_exec
     run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.dirname(os.path.abspath(args.resume)) if resumed else os.path.join(args.out_dir, run_name)
+    for n in range(2, 100):  # two runs started in the same second get two folders, never one
+        try:
+            os.makedirs(run_dir, exist_ok=bool(resumed))
+            break
+        except FileExistsError:
+            run_dir = os.path.join(args.out_dir, f"{run_name}-{n}")
+        except OSError as e:
+            fail(f"cannot create the run folder '{run_dir}' ({e.strerror}): pass another --out-dir")
     run_name = os.path.basename(run_dir)
-    os.makedirs(run_dir, exist_ok=True)
+
+    def on_exit():  # a run that ends before its first checkpoint leaves no folder behind
+        if not resumed and not os.path.isfile(os.path.join(run_dir, "last.pt")):
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+    def on_uncaught(kind, value, tb):  # Ctrl-C: one line with the command that continues the run
+        if not issubclass(kind, KeyboardInterrupt):
+            return sys.__excepthook__(kind, value, tb)
+        last = os.path.join(run_dir, "last.pt")
+        print(f"interrupted: continue with python {os.path.basename(__file__)} --task {args.task} --resume {last}"
+              if os.path.isfile(last) else "interrupted before the first checkpoint: nothing was kept", file=sys.stderr)
+
+    atexit.register(on_exit)
+    sys.excepthook = on_uncaught
     writer = SummaryWriter(run_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 

@@ -41,6 +41,7 @@ import ctypes
 import glob
 import json
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -398,6 +399,8 @@ if __name__ == "__main__":
                     state[task]["minutes"][stage] = done_stages[task][stage]["minutes"]
                     print(f"{task} {stage}: done already ({done_stages[task][stage]['headline']}), skipped", flush=True)
                 continue
+            if stage == "expert" and expert_run_dir(task_dir) is None:  # cut off before its first last.pt
+                shutil.rmtree(os.path.join(task_dir, "expert"), ignore_errors=True)
             gpus = args.expert_gpu_fraction if stage == "expert" and has_gpu else 0
             cmd = stage_command(args, task, stage, task_dir)
             ref = remote_stage.options(num_cpus=stage_cpus, num_gpus=gpus).remote(cmd, os.path.join(task_dir, "logs", f"{stage}.log"))

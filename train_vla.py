@@ -404,8 +404,22 @@ if __name__ == "__main__":
         fail("give --demos-paths, e.g. --demos-paths data/libero_spatial_*_scripted.hdf5")
     if not 0.5 <= args.crop_ratio <= 1.0 or args.act_exec > args.act_horizon or args.num_steps < 1:
         fail("need 0.5 <= --crop-ratio <= 1, --act-exec <= --act-horizon and --num-steps >= 1")
+    for flag in ("batch_size", "log_every", "save_every", "image_size", "act_exec", "head_dim", "flow_steps"):
+        if getattr(args, flag) < 1:
+            fail(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)})")
+    if args.warmup_steps < 0 or (args.torch_threads is not None and args.torch_threads < 1):
+        fail("--warmup-steps must be 0 or more and --torch-threads at least 1")
+    if args.channels < 8 or args.channels % 8:
+        fail(f"--channels must be a multiple of 8 (GroupNorm's 8 groups), got {args.channels}")
+    if args.image_size < 16:
+        fail(f"--image-size must be at least 16 pixels for the encoder's four stride-2 stages (got {args.image_size})")
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.out_dir, run_name)
+    existing = os.path.abspath(args.out_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        fail(f"--out-dir '{args.out_dir}' lies under the file '{existing}': pass a directory")
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -435,11 +449,19 @@ if __name__ == "__main__":
     ema = copy.deepcopy(model).requires_grad_(False)
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {device}, crop {crop} of {args.image_size}", flush=True)
 
-    os.makedirs(run_dir, exist_ok=True)
+    for n in range(2, 100):  # two runs started in the same second get two folders, never one
+        try:
+            os.makedirs(run_dir)
+            break
+        except FileExistsError:
+            run_dir = os.path.join(args.out_dir, f"{run_name}-{n}")
+        except OSError as e:
+            fail(f"cannot create the run folder '{run_dir}' ({e.strerror}): pass another --out-dir")
+    run_name = os.path.basename(run_dir)
     writer = SummaryWriter(run_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps))
                                               * 0.5 * (1 + math.cos(math.pi * min(s, args.num_steps) / args.num_steps)))
     text_table, proprio_all = text_table.to(device), torch.as_tensor(data["proprio"], device=device)
     actions_all = policy.normalize_action(torch.as_tensor(act, device=device))

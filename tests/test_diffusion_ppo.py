@@ -109,6 +109,48 @@ def test_update_without_success_moves_the_critic_only(tmp_path, tiny_run):
     assert any(not torch.equal(v, last["critic"][k]) for k, v in bc["critic"].items())
 
 
+def test_ctrl_c_ends_with_the_resume_command(tiny_run, tmp_path):
+    """SIGINT once the run has a last.pt: exit 130, one line naming the --resume command, no traceback."""
+    import signal
+
+    cwd, _, _ = tiny_run
+    demos = str(cwd / "data" / "libero_spatial_0_scripted.hdf5")
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--demos-path", demos, "--num-demos", "2", "--total-iterations",
+                             "1000", "--out-dir", str(tmp_path), *TINY], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("iter 2/"):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    (run_dir,) = tmp_path.iterdir()
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    assert (f"interrupted: continue with python diffusion_ppo.py --task libero_spatial_0 --resume {run_dir / 'last.pt'}"
+            in stderr.splitlines())
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tmp_path):
+    (tmp_path / "empty.hdf5").write_bytes(b"")
+    r = run(["--demos-path", str(tmp_path / "empty.hdf5"), "--out-dir", str(tmp_path / "runs")], tmp_path)
+    assert_one_sentence_error(r, "empty.hdf5")
+    assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_demos_of_another_task_are_refused_by_their_bddl_file(tiny_run, tmp_path):
+    """An official LIBERO file has no `task` attribute; its bddl_file_name still names the task."""
+    import h5py
+    import shutil
+
+    cwd, _, _ = tiny_run
+    path = tmp_path / "no_task_attr.hdf5"
+    shutil.copy(cwd / "data" / "libero_spatial_0_scripted.hdf5", path)
+    with h5py.File(path, "a") as f:
+        del f["data"].attrs["task"]
+    r = run(["--task", "libero_spatial_1", "--demos-path", str(path), "--out-dir", str(tmp_path / "runs")], tmp_path)
+    assert_one_sentence_error(r, "libero_spatial_1", "no_task_attr.hdf5")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_rollout_gathers_the_asked_episodes_whatever_the_env_count():
     """rollout() runs until episodes_per_update episodes have ended: 4 episodes of 2 chunk steps take 8 chunk
     steps of 1 env or 4 of 3 envs (6 episodes), and the batch's shapes follow."""

@@ -97,7 +97,7 @@ def test_eval_runs_the_protocol_and_resumes(vla_run):
     r = run("eval_libero.py", [*common, "--num-episodes", "2"], cwd)
     assert "2 done already, 0 to run" in r.stdout
     r = run("eval_libero.py", [*common, "--num-episodes", "2", "--seed", "5"], cwd)
-    assert_one_sentence_error(r, "another checkpoint or protocol")
+    assert_one_sentence_error(r, "another protocol")
 
 
 def test_eval_scores_a_diffusion_ppo_expert_without_rendering(tmp_path):
@@ -112,6 +112,15 @@ def test_eval_scores_a_diffusion_ppo_expert_without_rendering(tmp_path):
     assert "0 renders" in r.stdout
     out = json.loads((tmp_path / "eval_expert.json").read_text())
     assert out["kind"] == "diffusion_ppo" and out["tasks"][TASK]["episodes"] == 2
+    # fewer episodes than the file holds: the summary covers the asked ones
+    r = run("eval_libero.py", ["--checkpoint-path", str(tmp_path / "expert.pt"), "--num-episodes", "1",
+                               "--max-steps", "8"], tmp_path)
+    assert r.returncode == 0 and "(0/1)" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    # training wrote over the checkpoint: its old results are not reported as the new one's
+    torch.save(dict(ckpt, iteration=1), tmp_path / "expert.pt")
+    r = run("eval_libero.py", ["--checkpoint-path", str(tmp_path / "expert.pt"), "--num-episodes", "2",
+                               "--max-steps", "8"], tmp_path)
+    assert_one_sentence_error(r, "another checkpoint")
     r = run("eval_libero.py", ["--checkpoint-path", str(tmp_path / "expert.pt"), "--tasks", "libero_object_0"], tmp_path)
     assert_one_sentence_error(r, "state expert of libero_spatial_0")
 
