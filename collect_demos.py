@@ -630,7 +630,7 @@ def open_demos(path):
         raise UserError(f"'{path}' is not an HDF5 file")
     if "data" not in f:
         raise UserError(f"'{path}' is not in LIBERO layout: it has no 'data' group")
-    demos = sorted((k for k in f["data"] if k.startswith("demo_")), key=lambda k: int(k.split("_")[1]))
+    demos = sorted((k for k in f["data"] if k[:5] == "demo_" and k[5:].isdigit()), key=lambda k: int(k[5:]))
     if not demos:
         raise UserError(f"'{path}' is not in LIBERO layout: 'data' holds no demo_<i> group")
     for key in REQUIRED_DEMO_KEYS:

@@ -750,7 +750,7 @@ def load_demos(path, task, bddl, num_demos):
             controller = "OSC_POSE"
         if controller != "OSC_POSE":
             fail(f"'{path}' was recorded with the {controller} controller; this script drives OSC_POSE")
-        names = sorted((k for k in data if k.startswith("demo_")), key=lambda s: int(s.split("_")[1]))[:num_demos]
+        names = sorted((k for k in data if k[:5] == "demo_" and k[5:].isdigit()), key=lambda s: int(s[5:]))[:num_demos]
         if not names:
             fail(f"'{path}' holds no demo_<i> groups: collect some demos first")
         if len(names) < num_demos:

@@ -310,6 +310,8 @@ def main(args):
     tasks = expand_tasks(args.tasks or [t for t in own if t])
     if not tasks:
         raise UserError("the checkpoint names no task: pass --tasks")
+    if kind != "vla" and not ckpt.get("task"):
+        raise UserError(f"the {kind} checkpoint names no task: it is not one diffusion_ppo.py or gaussian_ppo.py wrote")
     if kind != "vla" and tasks != [ckpt["task"]]:
         raise UserError(f"a {kind} checkpoint is a state expert of {ckpt['task']} only: pass --tasks {ckpt['task']}")
     base = os.path.splitext(os.path.abspath(args.checkpoint_path))

@@ -427,6 +427,7 @@ if __name__ == "__main__":
                 text = record(task, stage, seconds / 60)
                 print(f"{task} {stage}: done in {seconds / 60:.1f} min: {text}", flush=True)
                 submit_next(task)
+                write_summary(args, state, None)
             else:
                 state[task].update(status="failed", failed_stage=stage, log=log_path)
                 print(f"{task} {stage}: FAILED (exit {rc}) after {seconds / 60:.1f} min; last lines of {log_path}:\n"

@@ -348,7 +348,7 @@ def load_demos(paths, image_size, max_demos):
                 fail(f"'{path}' is not in LIBERO layout: it lacks data/ or its problem_info attribute")
             instruction = json.loads(f["data"].attrs["problem_info"])["language_instruction"]
             instruction = " ".join(instruction) if isinstance(instruction, list) else str(instruction)
-            names = sorted((k for k in f["data"] if k.startswith("demo_")), key=lambda s: int(s.split("_")[1]))[:max_demos]
+            names = sorted((k for k in f["data"] if k[:5] == "demo_" and k[5:].isdigit()), key=lambda s: int(s[5:]))[:max_demos]
             if not names:
                 fail(f"'{path}' holds no demo_<i> groups")
             first = f["data"][names[0]]
