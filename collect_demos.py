@@ -740,7 +740,7 @@ def collect(args, num_workers):
         raise UserError("give --task (e.g. --task libero_spatial_0), --replay FILE or --report FILES")
     task = resolve_task(args.task)
     if policy is not None and policy[0].get("task") != task["name"]:
-        raise UserError(f"the checkpoint was trained on {policy[0]['task']}, not on {task['name']}")
+        raise UserError(f"the checkpoint was trained on {policy[0].get('task')}, not on {task['name']}")
     if args.policy == "scripted":
         with contextlib.redirect_stdout(None):  # fail fast on goals the expert cannot do
             env = make_env(task["bddl"])

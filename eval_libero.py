@@ -25,8 +25,8 @@ import os
 os.environ.setdefault("MUJOCO_GL", "egl")  # before anything imports mujoco
 
 import contextlib
-import hashlib
 import functools
+import hashlib
 import json
 import logging
 import math
