@@ -305,7 +305,6 @@ def main(args):
     if args.video < 0:
         raise UserError(f"--video must be 0 or more (got {args.video})")
     ckpt, kind = load_checkpoint(args.checkpoint_path)
-    build_policy(ckpt, kind, args.use_ema)  # here, once: a worker that cannot build it would only fail
     own = ckpt.get("tasks") or [ckpt.get("task")]
     tasks = expand_tasks(args.tasks or [t for t in own if t])
     if not tasks:
@@ -314,6 +313,7 @@ def main(args):
         raise UserError(f"the {kind} checkpoint names no task: it is not one diffusion_ppo.py or gaussian_ppo.py wrote")
     if kind != "vla" and tasks != [ckpt["task"]]:
         raise UserError(f"a {kind} checkpoint is a state expert of {ckpt['task']} only: pass --tasks {ckpt['task']}")
+    build_policy(ckpt, kind, args.use_ema)  # here, once: a worker that cannot build it would only fail
     base = os.path.splitext(os.path.abspath(args.checkpoint_path))
     results_path = args.results_path or os.path.join(os.path.dirname(base[0]), f"eval_{os.path.basename(base[0])}.json")
     video_dir = args.video_dir or os.path.join(os.path.dirname(os.path.abspath(results_path)), "videos")

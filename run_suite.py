@@ -176,12 +176,13 @@ def expert_run_dir(task_dir):
 
 
 def stage_command(args, task, stage, task_dir):
-    """The command line of one per-task stage, as a person would type it."""
+    """The command line of one per-task stage, as a person would type it. A stage runs only when it is not
+    recorded as done, so a file at its output path is a cut-off run's: the collections pass --overwrite."""
     python, collect = sys.executable, os.path.join(HERE, "collect_demos.py")
     workers = str(args.cpus_per_stage)
     if stage == "warmstart":
         return [python, collect, "--task", task, "--policy", "scripted", "--num-demos", str(args.warmstart_demos),
-                "--no-images", "--num-workers", workers, "--quiet", "--out-path",
+                "--no-images", "--num-workers", workers, "--quiet", "--overwrite", "--out-path",
                 os.path.join(task_dir, "warmstart.hdf5"), *shlex.split(args.warmstart_args)]
     if stage == "expert":
         cmd = [python, os.path.join(HERE, f"{args.source}.py"), "--task", task, "--demos-path",
@@ -194,7 +195,7 @@ def stage_command(args, task, stage, task_dir):
         policy = "scripted" if args.source == "scripted" else os.path.join(expert_run_dir(task_dir), "expert.pt")
         return [python, collect, "--task", task, "--policy", policy, "--num-demos", str(args.num_demos),
                 "--image-size", str(args.image_size), "--seed", str(args.seed), "--num-workers", workers, "--quiet",
-                *([] if args.reflections else ["--no-reflections"]), "--out-path", demos_path(args, task),
+                *([] if args.reflections else ["--no-reflections"]), "--overwrite", "--out-path", demos_path(args, task),
                 *shlex.split(args.collect_args)]
     return [python, collect, "--report", demos_path(args, task), "--report-png", os.path.join(task_dir, "metrics.png")]
 

@@ -124,7 +124,8 @@ def test_ctrl_c_ends_with_the_resume_command(tiny_run, tmp_path):
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     (run_dir,) = tmp_path.iterdir()
-    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    # Python ends an uncaught Ctrl-C by SIGINT itself: the shell sees 130 either way
+    assert proc.returncode in (130, -signal.SIGINT) and "Traceback" not in stderr, stderr[-3000:]
     assert (f"interrupted: continue with python diffusion_ppo.py --task libero_spatial_0 --resume {run_dir / 'last.pt'}"
             in stderr.splitlines())
 
@@ -148,7 +149,7 @@ def test_demos_of_another_task_are_refused_by_their_bddl_file(tiny_run, tmp_path
         del f["data"].attrs["task"]
     r = run(["--task", "libero_spatial_1", "--demos-path", str(path), "--out-dir", str(tmp_path / "runs")], tmp_path)
     assert_one_sentence_error(r, "libero_spatial_1", "no_task_attr.hdf5")
-    assert not (tmp_path / "runs").exists()
+    assert list((tmp_path / "runs").iterdir()) == []  # the run folder made before the check is gone
 
 
 def test_rollout_gathers_the_asked_episodes_whatever_the_env_count():

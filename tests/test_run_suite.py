@@ -96,7 +96,7 @@ def test_diffusion_ppo_chain_end_to_end(tmp_path):
     expert = ("--bc-epochs 150 --total-iterations 1 --episodes-per-update 2 --max-episode-steps 8 --eval-episodes 2 "
               "--critic-warmup-max 0 --update-epochs 1 --signal-min-return-std 0")
     r = run(["--tasks", "libero_spatial_0", "--source", "diffusion_ppo", "--warmstart-demos", "20", "--num-demos", "1",
-             *SMALL[:-1], "2", f"--expert-args={expert}", "--collect-args=--max-attempts 12", "--out-dir", str(out)], tmp_path)
+             *SMALL, f"--expert-args={expert}", "--collect-args=--max-attempts 20", "--out-dir", str(out)], tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     row = json.loads((out / "summary.json").read_text())["tasks"]["libero_spatial_0"]
     assert row["status"] == "done" and set(row["minutes"]) == {"warmstart", "expert", "demos", "report"}
