@@ -226,6 +226,7 @@ def headline(args, task, stage, task_dir):
         return dict(bc_success=s["bc_success"], expert_success=s["best_success"], expert_ci95=s["best_ci"],
                     final_success=s["final_success"], expert_env_steps=s["env_steps"],
                     expert_minutes_to_best=s["best_wall_time"] / 60, expert_env_steps_to_best=s["best_env_steps"],
+                    expert_eval_history=[[h[0], h[1], round(h[2] / 60, 1), h[3]] for h in s["eval_history"]],
                     text=f"BC {s['bc_success']:.2f} -> best {s['best_success']:.2f}, final {s['final_success']:.2f}, "
                          f"{s['env_steps']} env steps")
     if stage == "demos":
@@ -246,6 +247,7 @@ def add_expert_result(args, task, figures, minutes):
         final_success=figures["final_success"], best_ci95=figures["expert_ci95"],
         minutes_to_best=round(figures["expert_minutes_to_best"], 1), env_steps_to_best=figures["expert_env_steps_to_best"],
         env_steps=figures["expert_env_steps"], minutes=round(minutes, 1), num_demos=args.warmstart_demos,
+        eval_history_columns=["update", "env_steps", "minutes", "success"], eval_history=figures["expert_eval_history"],
         source=args.source, command=shlex.join(["python", "run_suite.py", *sys.argv[1:]]),
         stage_command=shlex.join(["python", f"{args.source}.py", *stage_command(args, task, "expert", "<task_dir>")[2:]]))
     os.makedirs(os.path.dirname(os.path.abspath(args.results_path)), exist_ok=True)
