@@ -781,6 +781,7 @@ if __name__ == "__main__":
     N, Te = args.num_envs, args.act_exec
     run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.dirname(os.path.abspath(args.resume)) if resumed else os.path.join(args.out_dir, run_name)
+    new_out_dir = not resumed and not os.path.isdir(args.out_dir)
     for n in range(2, 100):  # two runs started in the same second get two folders, never one
         try:
             os.makedirs(run_dir, exist_ok=bool(resumed))
@@ -794,6 +795,8 @@ if __name__ == "__main__":
     def on_exit():  # a run that ends before its first checkpoint leaves no folder behind
         if not resumed and not os.path.isfile(os.path.join(run_dir, "last.pt")):
             shutil.rmtree(run_dir, ignore_errors=True)
+            if new_out_dir and os.path.isdir(args.out_dir) and not os.listdir(args.out_dir):  # nor an --out-dir it made
+                os.rmdir(args.out_dir)
 
     def on_uncaught(kind, value, tb):  # Ctrl-C: one line with the command that continues the run
         if not issubclass(kind, KeyboardInterrupt):

@@ -97,7 +97,7 @@ class Args:
     eval_args: str = ""
     """extra flags for eval_libero.py, one string given with = (--eval-args="--num-episodes 20")"""
     results_path: Optional[str] = None
-    """merge each expert's figures into this JSON as soon as it finishes ({"tasks": {"<task>": {...}}}, e.g. docs/results/dppo_libero_spatial.json)"""
+    """merge each expert's figures, then its demos' kept/tried count and metrics, into this JSON as each stage finishes ({"tasks": {"<task>": {...}}}, e.g. docs/results/dppo_libero_spatial.json)"""
 
 
 class UserError(Exception):
@@ -254,6 +254,20 @@ def add_expert_result(args, task, figures, minutes):
     write_json(args.results_path, results)
 
 
+def add_demos_result(args, task, stage, figures, minutes):
+    """The demos stage's kept/tried count (the expert's success from fresh placements) and the
+    report's smoothness metrics, merged into the task's entry of --results-path."""
+    results = read_json(args.results_path, {"tasks": {}})
+    entry = results["tasks"].setdefault(task, {})
+    if stage == "demos":
+        entry.update(demos_kept=figures["demos_kept"], demos_tried=figures["demos_tried"],
+                     demos_minutes=round(minutes, 1), demos_image_size=args.image_size)
+    else:
+        entry["demos_metrics"] = figures["metrics"]
+    os.makedirs(os.path.dirname(os.path.abspath(args.results_path)), exist_ok=True)
+    write_json(args.results_path, results)
+
+
 def log_tail(path):
     with open(path, errors="replace") as f:
         return "".join(f.readlines()[-LOG_TAIL_LINES:])
@@ -374,6 +388,12 @@ if __name__ == "__main__":
           flush=True)
     remote_stage = ray.remote(max_retries=0)(run_stage)
 
+    def stop(signum, frame):  # a scheduler's stop (SIGTERM) ends the run like Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)  # also when started with & from a script, which ignores SIGINT
+
     # the driver: a per-task chain of stages, the next one submitted when the previous ends
     state = {t: dict(status="queued", minutes={}, **read_json(os.path.join(args.out_dir, t, "stages.json"), {}).get("figures", {}))
              for t in tasks}
@@ -389,6 +409,8 @@ if __name__ == "__main__":
         done_stages[task][stage] = dict(minutes=minutes, headline=text)
         if stage == "expert" and args.results_path:
             add_expert_result(args, task, figures, minutes)
+        elif stage in ("demos", "report") and args.results_path:
+            add_demos_result(args, task, stage, figures, minutes)
         write_json(os.path.join(task_dir, "stages.json"),
                    dict(done=done_stages[task], figures={k: v for k, v in state[task].items() if k not in ("status", "minutes")}))
         return text

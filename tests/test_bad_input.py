@@ -2,14 +2,18 @@
 one parametrised test over every script's flags and output locations, and the checkpoint whose
 contents do not match its kind (once a hang: the evaluation pool respawned its failing workers)."""
 
+import concurrent.futures
+import json
 import os
 import subprocess
 import sys
 
+import h5py
 import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 A_FILE = "a_file"  # made in the test's directory; paths under it cannot be directories
 
 
@@ -50,15 +54,30 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("script, args, word", CASES, ids=[f"{c[0]}:{' '.join(c[1])}" for c in CASES])
-def test_bad_input_is_one_sentence_before_any_work(tmp_path, script, args, word):
-    (tmp_path / A_FILE).write_text("not a directory")
-    r = run(script, args, tmp_path)
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+    """Every case's run, started four at a time (each is mostly a Python start-up importing torch and
+    LIBERO), each in a directory of its own holding only A_FILE: index -> (directory, result)."""
+    base = tmp_path_factory.mktemp("bad_input")
+
+    def one(i):
+        cwd = base / str(i)
+        cwd.mkdir()
+        (cwd / A_FILE).write_text("not a directory")
+        return cwd, run(CASES[i][0], CASES[i][1], cwd)
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        return dict(enumerate(pool.map(one, range(len(CASES)))))
+
+
+@pytest.mark.parametrize("i", range(len(CASES)), ids=[f"{c[0]}:{' '.join(c[1])}" for c in CASES])
+def test_bad_input_is_one_sentence_before_any_work(outcomes, i):
+    cwd, r = outcomes[i]
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     message = r.stderr.strip().splitlines()[-1]
-    assert message.startswith("error: ") and word in message, message
-    assert sorted(p.name for p in tmp_path.iterdir()) == [A_FILE]  # no run folder, data file or results left
+    assert message.startswith("error: ") and CASES[i][2] in message, message
+    assert sorted(p.name for p in cwd.iterdir()) == [A_FILE]  # no run folder, data file or results left
 
 
 @pytest.mark.parametrize("script, flag", [("eval_libero.py", "--checkpoint-path"), ("collect_demos.py", "--policy")])
@@ -69,3 +88,35 @@ def test_checkpoint_without_its_contents_is_one_sentence_not_a_hang(tmp_path, sc
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     message = r.stderr.strip().splitlines()[-1]
     assert message.startswith("error: ") and "bad.pt" in message or "cannot be rebuilt" in message, message
+
+
+def test_malformed_files_are_one_sentence(tmp_path):
+    """A demos file whose only group is demo_x, a checkpoint without its task, a results file that
+    is a JSON list: each named in one sentence, nothing written."""
+    import numpy as np
+
+    import diffusion_ppo as dp
+
+    with h5py.File(tmp_path / "demo_x.hdf5", "w") as f:
+        data = f.create_group("data")
+        data.attrs["problem_info"] = json.dumps({"language_instruction": "pick up the bowl"})
+        data.create_group("demo_x")["actions"] = np.zeros((5, 7))
+    policy = dp.DiffusionPolicy(109, 7, 4, 4, 20, 10, 32, 0.1, 3.0, np.zeros(109), np.ones(109), -np.ones(7), np.ones(7))
+    torch.save(dict(kind="diffusion_ppo", task="libero_spatial_0", **policy.config(), model=policy.state_dict(),
+                    iteration=0), tmp_path / "expert.pt")
+    torch.save({"kind": "diffusion_ppo"}, tmp_path / "no_task.pt")
+    (tmp_path / "list.json").write_text("[]")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    cases = [
+        ("diffusion_ppo.py", ["--task", "libero_spatial_0", "--demos-path", "demo_x.hdf5"], "no demo_<i> groups"),
+        ("train_vla.py", ["--demos-paths", "demo_x.hdf5"], "no demo_<i> groups"),
+        ("eval_libero.py", ["--checkpoint-path", "no_task.pt"], "names no task"),
+        ("collect_demos.py", ["--policy", "no_task.pt"], "no_task.pt"),
+        ("eval_libero.py", ["--checkpoint-path", "expert.pt", "--results-path", "list.json"], "not a results JSON"),
+    ]
+    for script, args, words in cases:
+        r = run(script, args, tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (script, r.stdout[-1500:], r.stderr[-1500:])
+        message = r.stderr.strip().splitlines()[-1]
+        assert message.startswith("error: ") and words in message, (script, message)
+        assert sorted(p.name for p in tmp_path.iterdir()) == before, script

@@ -76,6 +76,24 @@ def test_checkpoint_holds_what_evaluation_needs(vla_run):
     assert "put the bowl in the drawer" in policy.instructions
 
 
+def test_runs_started_in_the_same_second_get_their_own_folders(vla_run):
+    """Run folders are <exp>__<seed>__<unix second>: with that folder taken (by a run started in the
+    same second) the new run takes <name>-2 and leaves the other's folder alone."""
+    import time
+
+    cwd, _ = vla_run
+    now = int(time.time())
+    taken = [cwd / "clash" / f"same__1__{t}" for t in range(now - 1, now + 180)]
+    for d in taken:
+        d.mkdir(parents=True)
+    r = run("train_vla.py", ["--demos-paths", "demos.hdf5", "--image-size", "32", "--num-steps", "1", "--batch-size", "4",
+                             "--channels", "8", "--head-dim", "32", "--exp-name", "same", "--out-dir", "clash"], cwd)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    (new,) = set((cwd / "clash").iterdir()) - set(taken)
+    assert new.name.endswith("-2") and new.name[:-2] in {d.name for d in taken} and (new / "vla.pt").is_file()
+    assert all(not any(d.iterdir()) for d in taken)
+
+
 def test_eval_runs_the_protocol_and_resumes(vla_run):
     cwd, path = vla_run
     results = cwd / "results.json"
