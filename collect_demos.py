@@ -145,17 +145,35 @@ def task_from_bddl_name(bddl_file_name):
     raise UserError(f"no LIBERO task has the BDDL file '{bddl_file_name}'")
 
 
+def env_overrides(image_size=None):
+    """What make_env changes from LIBERO's ControlEnv defaults; with no image_size, no renderer at all."""
+    render = image_size is not None
+    size = image_size or 128
+    # horizon above every step limit: robosuite raises when stepped past its own horizon
+    return dict(use_camera_obs=render, has_offscreen_renderer=render, horizon=2000, camera_heights=size, camera_widths=size)
+
+
 def make_env(bddl, image_size=None):
     """A LIBERO env; with no image_size it has no renderer at all (state-only, far faster)."""
     from libero.libero.envs.env_wrapper import ControlEnv
 
-    render = image_size is not None
-    size = image_size or 128
-    # horizon above every step limit: robosuite raises when stepped past its own horizon
-    return ControlEnv(
-        bddl_file_name=bddl, use_camera_obs=render, has_offscreen_renderer=render, horizon=2000,
-        camera_heights=size, camera_widths=size,
-    )
+    return ControlEnv(bddl_file_name=bddl, **env_overrides(image_size))
+
+
+def libero_env_kwargs(bddl_file_name, image_size=None):
+    """The keyword arguments make_env's ControlEnv hands LIBERO's env class, spelt out as LIBERO's
+    create_dataset.py stores them in env_args (the controller as its robosuite config dict), so that
+    TASK_MAPPING[problem_name](**env_kwargs) builds the same env from the file alone."""
+    import inspect
+
+    import robosuite
+    from libero.libero.envs.env_wrapper import ControlEnv
+
+    params = inspect.signature(ControlEnv.__init__).parameters
+    kwargs = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+    kwargs.update(env_overrides(image_size))
+    kwargs["controller_configs"] = robosuite.load_controller_config(default_controller=kwargs.pop("controller"))
+    return dict(bddl_file_name=bddl_file_name, **kwargs)
 
 
 def set_reflections(env, on):
@@ -484,7 +502,7 @@ def rollout_episode(seed):
     t0 = time.time()
     env.seed(seed)
     obs = env.reset()
-    init_state = env.get_sim_state()
+    model_file = env.env.sim.model.get_xml()  # this placement's MuJoCo model, as LIBERO's files keep it
     for _ in range(NUM_SETTLE_STEPS):  # let objects settle; not recorded (LIBERO protocol)
         obs, _, _, _ = env.step(SETTLE_ACTION)
     policy = _WORKER["policy"]
@@ -500,7 +518,7 @@ def rollout_episode(seed):
             success = reward > 0
             break
     ep = {k: np.asarray(v) for k, v in buf.items()}
-    ep.update(seed=seed, success=success, init_state=init_state, seconds=time.time() - t0)
+    ep.update(seed=seed, success=success, model_file=model_file, seconds=time.time() - t0)
     return ep
 
 
@@ -569,27 +587,27 @@ def atomic_h5(path):
 
 
 def write_header(f, task, source, generator, image_size, reflections):
-    """The `data` group attributes LIBERO and robomimic readers expect."""
+    """The `data` group attributes as LIBERO's create_dataset.py writes them (its tools and
+    robomimic rebuild the env from env_args alone), then ours."""
+    from libero.libero.envs import TASK_MAPPING
     from libero.libero.envs.bddl_utils import get_problem_info
 
-    info = get_problem_info(task["bddl"])
-    # the suite's instruction (the one LIBERO evaluations prompt with), not the BDDL's paraphrase
-    info["language_instruction"] = task["language"]
-    data = f.require_group("data")
-    env_kwargs = dict(
-        bddl_file_name=task["bddl"], robots=["Panda"], controller="OSC_POSE", control_freq=20,
-        camera_heights=image_size, camera_widths=image_size, camera_names=["agentview", "robot0_eye_in_hand"],
-    )
+    info = get_problem_info(task["bddl"])  # language_instruction: the BDDL's :language, as LIBERO writes it
+    env_name = TASK_MAPPING[info["problem_name"]].__name__  # the env class, e.g. Libero_Tabletop_Manipulation
     bddl_name = "libero/libero/bddl_files/" + "/".join(task["bddl"].split(os.sep)[-2:])  # as LIBERO's files store it
-    env_kwargs["bddl_file_name"] = bddl_name
-    data.attrs["env_name"] = info["problem_name"]
+    data = f.require_group("data")
+    data.attrs["env_name"] = env_name
     data.attrs["problem_info"] = json.dumps(info)
     data.attrs["bddl_file_name"] = bddl_name
     data.attrs["bddl_file_content"] = open(task["bddl"]).read()
-    data.attrs["env_args"] = json.dumps({"env_name": info["problem_name"], "type": 1, "env_kwargs": env_kwargs})
+    data.attrs["env_args"] = json.dumps({"type": 1, "env_name": env_name, "problem_name": info["problem_name"],
+                                         "bddl_file": bddl_name, "env_kwargs": libero_env_kwargs(bddl_name, image_size)})
     data.attrs["macros_image_convention"] = "opengl"
-    data.attrs["render_reflections"] = reflections  # ours; LIBERO's own files are rendered with them
+    # ours: obs[t] is the observation actions[t] was taken from (LIBERO's files hold the one after it)
+    data.attrs["obs_alignment"] = "before_action"
+    data.attrs["render_reflections"] = reflections  # LIBERO's own files are rendered with them
     data.attrs["task"] = task["name"]
+    data.attrs["language"] = task["language"]  # the benchmark's instruction, what evaluations prompt with
     data.attrs["source"] = source
     data.attrs["generator"] = json.dumps(generator)
     return data
@@ -599,7 +617,9 @@ def write_demo(data, i, ep, images=None):
     g = data.create_group(f"demo_{i}")
     T = len(ep["actions"])
     g.attrs["num_samples"] = T
-    g.attrs["init_state"] = ep["init_state"]
+    g.attrs["init_state"] = ep["states"][0]  # as in LIBERO's files: the first recorded state, after settling
+    if ep.get("model_file"):
+        g.attrs["model_file"] = ep["model_file"]
     g.attrs["seed"] = int(ep.get("seed", -1))
     g.create_dataset("actions", data=np.asarray(ep["actions"], dtype=np.float64))
     g.create_dataset("states", data=np.asarray(ep["states"], dtype=np.float64))
@@ -816,7 +836,8 @@ def replay(args, num_workers):
         for d in demos:
             g = f["data"][d]
             ep = {k: g[k][()] for k in ("actions", "states")}
-            ep["init_state"] = g.attrs.get("init_state", ep["states"][0])
+            if "model_file" in g.attrs:
+                ep["model_file"] = g.attrs["model_file"]
             ep["seed"] = int(g.attrs.get("seed", -1))
             episodes.append(ep)
     out_path = args.out_path or os.path.splitext(args.replay)[0] + "_replay.hdf5"
@@ -831,7 +852,9 @@ def replay(args, num_workers):
     kept, videos = [], []
     for ep, out in zip(episodes, outs):
         if out.pop("success"):
+            model_file = out.pop("model_file")
             ep.update(out)
+            ep.setdefault("model_file", model_file)
             kept.append(ep)
     print(f"replayed {len(episodes)} demos in {time.time() - t0:.0f} s: {len(kept)} still succeed")
     if not kept:
@@ -875,6 +898,7 @@ def replay_episode(states_actions):
     restore_controller_state(env, actions[:-1])
     env.step(actions[-1])
     out["success"] = bool(env.check_success())
+    out["model_file"] = env.env.sim.model.get_xml()  # for a file that had none: a model these states restore into
     return out
 
 

