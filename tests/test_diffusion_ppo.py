@@ -152,6 +152,32 @@ def test_demos_of_another_task_are_refused_by_their_bddl_file(tiny_run, tmp_path
     assert not (tmp_path / "runs").exists()  # the run folder made before the check is gone, its --out-dir too
 
 
+def test_bc_pairs_are_the_same_from_an_official_layout_file(tiny_run, tmp_path):
+    """The warm start rebuilds its observations from `states` (the state before each action in both
+    layouts), so a file laid out as LIBERO's official ones (obs after each action, no task, source
+    or obs_alignment attribute) gives the very pairs our own file gives."""
+    import shutil
+
+    import h5py
+
+    cwd, _, _ = tiny_run
+    ours = cwd / "data" / "libero_spatial_0_scripted.hdf5"
+    official = tmp_path / "official.hdf5"
+    shutil.copy(ours, official)
+    with h5py.File(official, "a") as f:
+        for key in ("task", "source", "obs_alignment", "language", "generator"):
+            del f["data"].attrs[key]
+        for name in f["data"]:
+            for key in f["data"][name]["obs"]:
+                obs = f["data"][name]["obs"][key]
+                obs[:-1] = obs[1:][()]  # obs[t] now the observation after actions[t]
+    bddl = dp.task_bddl_and_init_states("libero_spatial_0")[0]
+    (obs_a, act_a), (obs_b, act_b) = (dp.load_demos(str(path), "libero_spatial_0", bddl, 2) for path in (ours, official))
+    assert len(obs_a) == len(obs_b) == 2
+    for a, b in zip(obs_a + act_a, obs_b + act_b):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_rollout_gathers_the_asked_episodes_whatever_the_env_count():
     """rollout() runs until episodes_per_update episodes have ended: 4 episodes of 2 chunk steps take 8 chunk
     steps of 1 env or 4 of 3 envs (6 episodes), and the batch's shapes follow."""
