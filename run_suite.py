@@ -19,7 +19,7 @@ Writes, under --out-dir:
   <task>/metrics.png               collect_demos.py --report's plot of that file
   <task>/logs/<stage>.log          each stage's output; <task>/stages.json: finished stages, minutes, figures
   vla/                             with --vla: vla/runs/<run>/vla.pt, vla/eval.json, logs
-  summary.json, summary.md, summary.png    the table printed at the end, and expert success per task
+  summary.json, summary.md, summary.png    the table printed at the end; expert success per task and curves
 
 Resuming: run the same command again. Finished stages are skipped (stages.json, and their outputs
 still on disk); an interrupted expert continues from its last.pt; the rest restart.
@@ -288,7 +288,8 @@ def check_ray_address(address):
 
 
 def plot_summary(rows, path):
-    """Expert success per task (best evaluation, Wilson interval) with the BC start, as a PNG."""
+    """Expert success per task (best evaluation, Wilson interval) with the BC start, and each
+    expert's evaluations against env steps, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -297,7 +298,8 @@ def plot_summary(rows, path):
     rows = [(t, r) for t, r in rows.items() if r.get("expert_success") is not None]
     if not rows:
         return False
-    fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(rows) + 2), 3.2))
+    fig, (ax, ax_curves) = plt.subplots(1, 2, figsize=(max(4, 0.6 * len(rows) + 2) + 5, 3.2),
+                                        gridspec_kw=dict(width_ratios=[max(4, 0.6 * len(rows) + 2), 5]))
     x = range(len(rows))
     best = [r["expert_success"] for _, r in rows]
     ci = [r.get("expert_ci95") or [b, b] for (_, r), b in zip(rows, best)]
@@ -307,6 +309,15 @@ def plot_summary(rows, path):
     ax.plot(x, [r["bc_success"] for _, r in rows], "o", color="tab:orange", label="BC start")
     ax.set_xticks(list(x), [t.replace("libero_", "") for t, _ in rows], rotation=45, ha="right")
     ax.set_ylim(0, 1.02), ax.set_ylabel("success on the 50 init states"), ax.legend(fontsize=8), ax.grid(alpha=0.3)
+    for task, r in rows:  # [update, env steps, minutes, success] per evaluation
+        history = r.get("expert_eval_history") or []
+        if history:
+            ax_curves.plot([h[1] / 1000 for h in history], [h[3] for h in history], "o-", ms=3,
+                           label=task.replace("libero_", ""))
+    ax_curves.set_xlabel("env steps (thousands)"), ax_curves.set_ylim(0, 1.02), ax_curves.grid(alpha=0.3)
+    ax_curves.set_title("deterministic evaluations", fontsize=9)
+    if any(r.get("expert_eval_history") for _, r in rows):
+        ax_curves.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
