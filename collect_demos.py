@@ -814,7 +814,7 @@ def collect(args, num_workers):
     per_demo = [demo_metrics(ep["actions"], ep["ee_pos"]) for ep in kept]
     metrics = summarize_metrics(per_demo, attempts)
     with atomic_h5(out_path) as f:
-        data = write_header(f, task, source, generator, args.image_size, not args.no_reflections)
+        data = write_header(f, task, source, generator, None if args.no_images else args.image_size, not args.no_reflections)
         videos = render_and_write(args, data, task, kept, num_workers)
         data.attrs["num_demos"] = len(kept)
         data.attrs["total"] = int(sum(len(ep["actions"]) for ep in kept))
@@ -863,7 +863,7 @@ def replay(args, num_workers):
     source = str(attrs.get("source", "human"))
     generator = json.loads(attrs["generator"]) if "generator" in attrs else {"replayed_from": os.path.abspath(args.replay)}
     with atomic_h5(out_path) as f:
-        data = write_header(f, task, source, generator, args.image_size, not args.no_reflections)
+        data = write_header(f, task, source, generator, size, not args.no_reflections)
         for i, ep in enumerate(kept):
             images = {k: ep.pop(k) for k in CAMERAS if k in ep} or None
             write_demo(data, i, ep, images)
