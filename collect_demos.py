@@ -130,19 +130,30 @@ def resolve_task(name):
 
 def task_from_bddl_name(bddl_file_name):
     """Find the `<suite>_<index>` name of a LIBERO file from its `bddl_file_name` attribute."""
-    folder = os.path.basename(os.path.dirname(bddl_file_name))
-    stem = os.path.basename(bddl_file_name)
+    task = benchmark_task(bddl_file_name)
+    if task is None:
+        raise UserError(f"no LIBERO task has the BDDL file '{bddl_file_name}'")
+    return task[0]
+
+
+# --- begin copied block: benchmark task of a BDDL file ---
+def benchmark_task(bddl_file_name):
+    """(`<suite>_<index>`, task.language) of the LIBERO benchmark task whose BDDL file a demos file
+    names, or None. task.language is what LIBERO, OpenVLA and openpi evaluations prompt with; the
+    BDDL's own :language (problem_info) words 29 of the 130 tasks differently."""
     from libero.libero import benchmark
 
-    for suite_name in SUITES:
+    folder, stem = os.path.basename(os.path.dirname(bddl_file_name)), os.path.basename(bddl_file_name)
+    for suite_name in ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90"):
         if folder and folder != suite_name:
             continue
-        with contextlib.redirect_stdout(None):
+        with contextlib.redirect_stdout(None):  # the benchmark prints a line about task order
             suite = benchmark.get_benchmark_dict()[suite_name]()
         for i in range(suite.n_tasks):
             if suite.get_task(i).bddl_file == stem:
-                return f"{suite_name}_{i}"
-    raise UserError(f"no LIBERO task has the BDDL file '{bddl_file_name}'")
+                return f"{suite_name}_{i}", suite.get_task(i).language
+    return None
+# --- end copied block: benchmark task of a BDDL file ---
 
 
 def env_overrides(image_size=None):

@@ -40,6 +40,7 @@ import os
 os.environ.setdefault("MUJOCO_GL", "egl")  # eval_libero.py imports this module before building envs
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import contextlib
 import copy
 import json
 import math
@@ -332,12 +333,11 @@ class VLAPolicy(nn.Module):
 # data
 
 
+# --- begin copied block: benchmark task of a BDDL file ---
 def benchmark_task(bddl_file_name):
     """(`<suite>_<index>`, task.language) of the LIBERO benchmark task whose BDDL file a demos file
     names, or None. task.language is what LIBERO, OpenVLA and openpi evaluations prompt with; the
     BDDL's own :language (problem_info) words 29 of the 130 tasks differently."""
-    import contextlib
-
     from libero.libero import benchmark
 
     folder, stem = os.path.basename(os.path.dirname(bddl_file_name)), os.path.basename(bddl_file_name)
@@ -350,6 +350,7 @@ def benchmark_task(bddl_file_name):
             if suite.get_task(i).bddl_file == stem:
                 return f"{suite_name}_{i}", suite.get_task(i).language
     return None
+# --- end copied block: benchmark task of a BDDL file ---
 
 
 def text_attr(attrs, key, default=None):
@@ -377,9 +378,12 @@ def load_demos(paths, image_size, max_demos):
             attrs = f["data"].attrs
             instruction = json.loads(attrs["problem_info"])["language_instruction"]  # the BDDL's sentence
             instruction = " ".join(instruction) if isinstance(instruction, list) else str(instruction)
-            task = benchmark_task(str(text_attr(attrs, "bddl_file_name", "")))
-            name = text_attr(attrs, "task") or (task[0] if task else json.loads(attrs["problem_info"]).get("problem_name", path))
-            instruction = text_attr(attrs, "language") or (task[1] if task else instruction)
+            name, language = text_attr(attrs, "task"), text_attr(attrs, "language")
+            if not (name and language):  # an official file: its task and instruction from the benchmark
+                task = benchmark_task(str(text_attr(attrs, "bddl_file_name", "")))
+                name = name or (task[0] if task else json.loads(attrs["problem_info"]).get("problem_name", path))
+                language = language or (task[1] if task else None)
+            instruction = language or instruction
             alignment = text_attr(attrs, "obs_alignment") or ("before_action" if "source" in attrs else "after_action")
             if alignment not in ("before_action", "after_action"):
                 fail(f"'{path}' has obs_alignment '{alignment}': expected before_action or after_action")
