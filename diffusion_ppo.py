@@ -156,8 +156,10 @@ class Args:
     """PPO ratio clip at the first fine-tuned denoising step (DPPO clip_ploss_coef_base 0.001)"""
     clip_coef: float = 0.01
     """PPO ratio clip at the last denoising step (DPPO clip_ploss_coef 0.01)"""
-    min_std: float = 0.1
-    """floor of the denoising std in sampling and log-probabilities (DPPO min_sampling/logprob_denoising_std 0.1)"""
+    min_sampling_std: float = 0.1
+    """floor of the exploring sampler's denoising std, i.e. the exploration noise (DPPO min_sampling_denoising_std: 0.1 in its robomimic configs, 0.04 in its Furniture-Bench ones)"""
+    min_logprob_std: float = 0.1
+    """floor of the denoising std in the PPO log-probabilities, for stable ratios (DPPO min_logprob_denoising_std 0.1)"""
     randn_clip: float = 3.0
     """sampled denoising noise clipped to +-this many std (DPPO randn_clip_value 3)"""
     actor_lr: float = 1e-5
@@ -402,10 +404,11 @@ class DiffusionPolicy(nn.Module):
     """
 
     def __init__(self, obs_dim, act_dim, act_horizon, act_exec, denoising_steps, ft_denoising_steps,
-                 hidden_dim, min_std, randn_clip, obs_mean, obs_std, act_min, act_max):
+                 hidden_dim, min_sampling_std, min_logprob_std, randn_clip, obs_mean, obs_std, act_min, act_max):
         super().__init__()
         self.obs_dim, self.act_dim, self.act_horizon, self.act_exec = obs_dim, act_dim, act_horizon, act_exec
-        self.K, self.K_ft, self.min_std, self.randn_clip = denoising_steps, ft_denoising_steps, min_std, randn_clip
+        self.K, self.K_ft, self.randn_clip = denoising_steps, ft_denoising_steps, randn_clip
+        self.min_sampling_std, self.min_logprob_std = min_sampling_std, min_logprob_std
         self.hidden_dim = hidden_dim
         self.actor = DiffusionMLP(obs_dim, act_dim, act_horizon, hidden_dim).requires_grad_(False)
         self.actor_ft = DiffusionMLP(obs_dim, act_dim, act_horizon, hidden_dim)
@@ -430,7 +433,8 @@ class DiffusionPolicy(nn.Module):
         return dict(
             obs_dim=self.obs_dim, act_dim=self.act_dim, obs_horizon=1, act_horizon=self.act_horizon,
             act_exec=self.act_exec, denoising_steps=self.K, ft_denoising_steps=self.K_ft, beta_schedule="cosine",
-            min_std=self.min_std, randn_clip=self.randn_clip, hidden_dim=self.hidden_dim,
+            min_sampling_std=self.min_sampling_std, min_logprob_std=self.min_logprob_std, randn_clip=self.randn_clip,
+            hidden_dim=self.hidden_dim,
             obs_keys=list(OBS_KEYS),
             normalizer={k: getattr(self, k).cpu() for k in ("obs_mean", "obs_std", "act_min", "act_max")},
         )
@@ -438,8 +442,9 @@ class DiffusionPolicy(nn.Module):
     @classmethod
     def from_checkpoint(cls, c, device="cpu"):
         """The policy of a checkpoint dict (torch.load(path, weights_only=True)), in eval mode on `device`."""
+        floors = [c.get(key, c.get("min_std")) for key in ("min_sampling_std", "min_logprob_std")]  # min_std: one floor for both, before the two were split
         policy = cls(c["obs_dim"], c["act_dim"], c["act_horizon"], c["act_exec"], c["denoising_steps"],
-                     c["ft_denoising_steps"], c["hidden_dim"], c["min_std"], c["randn_clip"], **c["normalizer"])
+                     c["ft_denoising_steps"], c["hidden_dim"], *floors, c["randn_clip"], **c["normalizer"])
         policy.load_state_dict(c["model"])
         return policy.to(device).eval()
 
@@ -463,7 +468,7 @@ class DiffusionPolicy(nn.Module):
     def sample(self, obs, explore, base=False):
         """Normalised obs (B, Do) -> chunk x_0 (B, Ta, Da) in [-1, 1] and chain (B, K'+1, Ta, Da) = x_K' .. x_0.
 
-        explore=True is fine-tuning's sampler: every step's std floored at min_std, so the chain
+        explore=True is fine-tuning's sampler: every step's std floored at min_sampling_std, so the chain
         has the density `chain_log_prob` scores. explore=False is plain DDPM (no noise at k = 1).
         base=True samples with the frozen BC denoiser at every step (the BC regulariser's teacher).
         """
@@ -474,7 +479,7 @@ class DiffusionPolicy(nn.Module):
             net = self.actor_ft if k <= self.K_ft and not base else self.actor
             mean, std = self.step_mean_std(x, torch.full((B,), k, device=obs.device), obs, net)
             if explore:
-                std = std.clamp(min=self.min_std)
+                std = std.clamp(min=self.min_sampling_std)
             x = mean + std * torch.randn_like(x).clamp(-self.randn_clip, self.randn_clip)
             if k == 1:
                 x = x.clamp(-1, 1)
@@ -483,7 +488,7 @@ class DiffusionPolicy(nn.Module):
         return x, torch.stack(chain, dim=1)
 
     def chain_log_prob(self, obs, chain):
-        """Per-element log N(x_{k-1}; mu(x_k, k, s), max(sigma_k, min_std)^2) of the K' fine-tuned steps.
+        """Per-element log N(x_{k-1}; mu(x_k, k, s), max(sigma_k, min_logprob_std)^2) of the K' fine-tuned steps.
 
         obs (B, Do), chain (B, K'+1, Ta, Da) -> (B, K', Ta, Da), ordered k = K' .. 1; the sum over the
         last three dims is the log-probability of the chunk's fine-tuned chain.
@@ -493,7 +498,7 @@ class DiffusionPolicy(nn.Module):
         x_prev = chain[:, 1:].reshape(B * K_ft, self.act_horizon, self.act_dim)
         k = torch.arange(K_ft, 0, -1, device=chain.device).repeat(B)
         mean, std = self.step_mean_std(x_k, k, obs.repeat_interleave(K_ft, dim=0), self.actor_ft)
-        std = std.clamp(min=self.min_std)
+        std = std.clamp(min=self.min_logprob_std)
         logp = -((x_prev - mean) ** 2) / (2 * std**2) - std.log() - 0.5 * math.log(2 * math.pi)
         return logp.view(B, K_ft, self.act_horizon, self.act_dim)
 
@@ -916,7 +921,8 @@ if __name__ == "__main__":
         centre = (all_act.min(0) + all_act.max(0)) / 2
         half = np.maximum((all_act.max(0) - all_act.min(0)) / 2, 1e-2)  # a constant action dim gets a +-0.01 range
         policy = DiffusionPolicy(
-            all_obs.shape[1], ACT_DIM, args.act_horizon, Te, args.denoising_steps, K_ft, args.hidden_dim, args.min_std,
+            all_obs.shape[1], ACT_DIM, args.act_horizon, Te, args.denoising_steps, K_ft, args.hidden_dim, args.min_sampling_std,
+            args.min_logprob_std,
             args.randn_clip, obs_mean=all_obs.mean(0), obs_std=np.maximum(all_obs.std(0), 1e-2),
             act_min=centre - half, act_max=centre + half,
         ).to(device)

@@ -101,7 +101,7 @@ def test_malformed_files_are_one_sentence(tmp_path):
         data = f.create_group("data")
         data.attrs["problem_info"] = json.dumps({"language_instruction": "pick up the bowl"})
         data.create_group("demo_x")["actions"] = np.zeros((5, 7))
-    policy = dp.DiffusionPolicy(109, 7, 4, 4, 20, 10, 32, 0.1, 3.0, np.zeros(109), np.ones(109), -np.ones(7), np.ones(7))
+    policy = dp.DiffusionPolicy(109, 7, 4, 4, 20, 10, 32, 0.1, 0.1, 3.0, np.zeros(109), np.ones(109), -np.ones(7), np.ones(7))
     torch.save(dict(kind="diffusion_ppo", task="libero_spatial_0", **policy.config(), model=policy.state_dict(),
                     iteration=0), tmp_path / "expert.pt")
     torch.save({"kind": "diffusion_ppo"}, tmp_path / "no_task.pt")

@@ -26,7 +26,7 @@ import diffusion_ppo as dp  # noqa: E402
 TINY = ["--num-envs", "2", "--episodes-per-update", "3", "--bc-epochs", "1", "--eval-episodes", "2",
         "--max-episode-steps", "8", "--critic-warmup-max", "0", "--update-epochs", "2", "--signal-min-return-std", "0"]
 DESIGN_KEYS = {"kind", "task", "obs_dim", "act_dim", "obs_horizon", "act_horizon", "act_exec", "denoising_steps",
-               "ft_denoising_steps", "beta_schedule", "min_std", "normalizer", "model", "ema", "critic", "args",
+               "ft_denoising_steps", "beta_schedule", "min_sampling_std", "min_logprob_std", "normalizer", "model", "ema", "critic", "args",
                "iteration", "env_steps", "eval_success"}
 
 
@@ -253,7 +253,7 @@ def test_checkpoint_of_another_kind_is_one_sentence(tmp_path):
 
 def tiny_policy(K=6, K_ft=3, obs_dim=5, act_dim=2, act_horizon=3, act_exec=2):
     torch.manual_seed(0)
-    return dp.DiffusionPolicy(obs_dim, act_dim, act_horizon, act_exec, K, K_ft, 32, 0.1, 3.0, np.zeros(obs_dim),
+    return dp.DiffusionPolicy(obs_dim, act_dim, act_horizon, act_exec, K, K_ft, 32, 0.1, 0.1, 3.0, np.zeros(obs_dim),
                               np.ones(obs_dim), -np.ones(act_dim), np.ones(act_dim))
 
 
@@ -288,6 +288,28 @@ def test_plain_sampling_ends_without_noise_and_in_range():
     assert policy.post_std[1].item() == 0.0  # p(x_0 | x_1) is deterministic without the exploration floor
     chunk, _ = policy.sample(torch.randn(8, 5), explore=False)
     assert chunk.abs().max() <= 1.0
+
+
+def test_sampling_floor_sets_exploration_and_logprob_floor_sets_the_density():
+    policy = tiny_policy()
+    policy.min_sampling_std, policy.min_logprob_std = 0.04, 0.1
+    obs = torch.randn(1, 5).repeat(4000, 1)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        _, chain = policy.sample(obs, explore=True)
+        # the last step is deterministic in DDPM (post_std 0), so its spread is the sampling floor alone
+        mean, _ = policy.step_mean_std(chain[:, -2], torch.ones(4000, dtype=torch.long), obs, policy.actor_ft)
+        inside = mean.abs() < 0.8  # away from the [-1, 1] clamp
+        spread = (chain[:, -1] - mean)[inside].std().item()
+        assert spread == pytest.approx(0.04, rel=0.05)
+        logp = policy.chain_log_prob(obs[:8], chain[:8])[:, -1]
+        expected = torch.distributions.Normal(mean[:8], 0.1).log_prob(chain[:8, -1])
+        torch.testing.assert_close(logp, expected)
+    # a checkpoint written with the single floor of earlier versions loads with it as both floors
+    c = {**policy.config(), "model": policy.state_dict()}
+    del c["min_sampling_std"], c["min_logprob_std"]
+    old = dp.DiffusionPolicy.from_checkpoint({**c, "min_std": 0.07})
+    assert old.min_sampling_std == old.min_logprob_std == 0.07
 
 
 def test_gae_matches_hand_worked_case():

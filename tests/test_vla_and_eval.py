@@ -121,7 +121,7 @@ def test_eval_runs_the_protocol_and_resumes(vla_run):
 def test_eval_scores_a_diffusion_ppo_expert_without_rendering(tmp_path):
     import diffusion_ppo as dp
 
-    policy = dp.DiffusionPolicy(109, 7, 4, 4, 20, 10, 32, 0.1, 3.0, np.zeros(109), np.ones(109), -np.ones(7), np.ones(7))
+    policy = dp.DiffusionPolicy(109, 7, 4, 4, 20, 10, 32, 0.1, 0.1, 3.0, np.zeros(109), np.ones(109), -np.ones(7), np.ones(7))
     ckpt = dict(kind="diffusion_ppo", task=TASK, **policy.config(), model=policy.state_dict(), iteration=0)
     torch.save(ckpt, tmp_path / "expert.pt")
     r = run("eval_libero.py", ["--checkpoint-path", str(tmp_path / "expert.pt"), "--num-episodes", "2",
@@ -149,7 +149,7 @@ def test_eval_takes_the_registered_variant_suites(tmp_path):
     asked, with other objects than the expert's, or of unknown lineage is one sentence."""
     import diffusion_ppo as dp
 
-    policy = dp.DiffusionPolicy(109, 7, 4, 4, 20, 10, 32, 0.1, 3.0, np.zeros(109), np.ones(109), -np.ones(7), np.ones(7))
+    policy = dp.DiffusionPolicy(109, 7, 4, 4, 20, 10, 32, 0.1, 0.1, 3.0, np.zeros(109), np.ones(109), -np.ones(7), np.ones(7))
     torch.save(dict(kind="diffusion_ppo", task=TASK, **policy.config(), model=policy.state_dict(), iteration=0),
                tmp_path / "expert.pt")
     r = run("eval_libero.py", ["--checkpoint-path", "expert.pt", "--tasks", "libero_spatial_swap_0", "--num-episodes", "1",
