@@ -55,6 +55,7 @@ import tyro
 
 # robosuite warns about a missing private macro file at every import, in every worker
 logging.getLogger("robosuite_logs").addFilter(lambda record: "macro" not in record.getMessage())
+import robosuite.utils.transform_utils as T  # noqa: E402 (after the filter above)
 
 
 @dataclass
@@ -91,6 +92,10 @@ class Args:
     """where `--report` writes its plot"""
     quiet: bool = False
     """print only the summary, not one line per episode"""
+    scripted_table: Optional[str] = None
+    """write no demos: roll the scripted expert out from --num-demos fresh placements of each of --table-tasks and merge its success and episode lengths per task into this JSON (a task already in it is skipped unless --overwrite, so an interrupted run goes on where it stopped)"""
+    table_tasks: List[str] = field(default_factory=lambda: list(SUITES))
+    """tasks (libero_goal_3) and/or whole suites (libero_90) for --scripted-table"""
 
 
 SUITES = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520, "libero_90": 400}
@@ -236,33 +241,46 @@ class UnsupportedGoal(Exception):
     pass
 
 
+
+
 class ScriptedExpert:
-    """Pick-and-place state machine for every `On` / `In` in the goal, one after another."""
+    """State machine over the BDDL goal: pick-and-place for every `On` / `In`, and for `Open`,
+    `Close`, `TurnOn` and `TurnOff` a pull (grasp the handle, move it along its joint) or a push
+    (closed fingers against the moving part). Joints, their axes and the handles come from the MuJoCo
+    model and LIBERO's articulation ranges, not from per-task tables. Opening and switching come
+    first, then the placements, then the closing (a drawer is closed after the bowl is in it)."""
 
     GRIPPER_SPAN = 0.075  # Panda fingers open to about 8 cm; keep a margin
     POS_GAIN = 12.0  # action per metre of error (action 1 = 5 cm OSC step)
+    LOW_TILT = 0.36  # a hand working a handle within 8 cm of the table points down by atan(0.36) = 20 degrees
+    ORDER = {"open": 0, "turnon": 0, "turnoff": 0, "on": 1, "in": 1, "close": 2}
 
     def __init__(self, env):
         self.env = env.env
-        self.goals = []
-        for pred in self.env.parsed_problem["goal_state"]:
-            if pred[0] not in ("on", "in"):
-                raise UnsupportedGoal(f"the scripted expert cannot do the predicate '{pred[0]}' in goal {pred}")
-            self.goals.append((pred[1], pred[2]))
+        goals = [tuple(pred) for pred in self.env.parsed_problem["goal_state"]]
+        for pred in goals:
+            if pred[0] not in self.ORDER:
+                raise UnsupportedGoal(f"the scripted expert cannot do the predicate '{pred[0]}' in goal {list(pred)}")
+        self.goals = sorted(goals, key=lambda g: self.ORDER[g[0]])  # stable: BDDL order within a kind
         m = self.env.sim.model._model
         self.m, self.d = m, self.env.sim.data._data
         self.goal_idx, self.phase, self.t_phase = 0, "plan", 0
+        self.art_tries = {}  # goal index -> articulated attempts so far
 
     # -- geometry of bodies and sites ----------------------------------------------------
     def _points(self, name):
         """World-frame points of the collision geometry of object `name` (body and children)."""
+        return self._body_points(self.env.obj_body_id[name])
+
+    def _body_points(self, root, with_geoms=False):
+        """World-frame points of the collision geometry of MuJoCo body `root` and its children (and,
+        with_geoms, the geom each point belongs to)."""
         m, d = self.m, self.d
-        root = self.env.obj_body_id[name]
         bodies = {root}
         for b in range(m.nbody):  # bodies are ordered parent-first
             if m.body_parentid[b] in bodies:
                 bodies.add(b)
-        pts = []
+        pts, owner = [], []
         for g in range(m.ngeom):
             if m.geom_bodyid[g] not in bodies or (m.geom_contype[g] == 0 and m.geom_conaffinity[g] == 0):
                 continue
@@ -274,9 +292,10 @@ class ScriptedExpert:
                 c, h = m.geom_aabb[g, :3], m.geom_aabb[g, 3:]
                 v = c + h * np.array([[i, j, k] for i in (-1, 1) for j in (-1, 1) for k in (-1, 1)])
             pts.append(p + v @ R.T)
+            owner.append(np.full(len(v), g))
         if not pts:
-            return d.xpos[root][None].copy()
-        return np.concatenate(pts)
+            return (d.xpos[root][None].copy(), np.array([-1])) if with_geoms else d.xpos[root][None].copy()
+        return (np.concatenate(pts), np.concatenate(owner)) if with_geoms else np.concatenate(pts)
 
     def _site(self, name):
         site = self.env.object_sites_dict[name]
@@ -286,7 +305,7 @@ class ScriptedExpert:
 
     def _plan_goal(self, obs):
         """Grasp pose for the object and place pose over the target, from the current state."""
-        obj, target = self.goals[self.goal_idx]
+        _, obj, target = self.goals[self.goal_idx]
         pts = self._points(obj)
         center_xy = (pts[:, :2].min(0) + pts[:, :2].max(0)) / 2
         lo_z, hi_z = pts[:, 2].min(), pts[:, 2].max()
@@ -353,8 +372,152 @@ class ScriptedExpert:
         self.release_z = surface + 0.015 + self.obj_bottom_below_grasp
         self.carry_z = max(target_hi, hi_z) + 0.06 + self.obj_bottom_below_grasp
 
+    # -- articulated objects: drawers, doors, knobs ---------------------------------------
+    ART_RANGES = {"open": ("default_open_ranges", "default_close_ranges"), "close": ("default_close_ranges", "default_open_ranges"),
+                  "turnon": ("default_turnon_ranges", "default_turnoff_ranges"), "turnoff": ("default_turnoff_ranges", "default_turnon_ranges")}
+
+    def _joint_point(self):
+        """World position of the tracked point on the moving part, and its direction of travel
+        (unit, horizontal) when the joint moves towards the goal."""
+        a = self.art
+        R, x = self.d.xmat[a["body"]].reshape(3, 3), self.d.xpos[a["body"]]
+        p = x + R @ a["local"]
+        axis = self.d.xaxis[a["jid"]]
+        v = axis if a["slide"] else np.cross(axis, p - self.d.xanchor[a["jid"]])
+        v = a["sign"] * np.array([v[0], v[1], 0.0])
+        return p, v / max(np.linalg.norm(v), 1e-9)
+
+    def _plan_articulated(self, obs):
+        """Pull a handle (open a drawer or a door) or push the moving part (close it, turn a knob).
+
+        Handles are grasped with the hand level, pointing at the part (from above, the palm would meet
+        the cabinet or the door's top before the fingers reach the handle), and drawers are pushed
+        the same way. Doors and knobs are pushed from above with closed fingers: a door that the
+        first pull left ajar (the arm cannot follow its handle all the way round) is pushed open
+        from the inside."""
+        pred, name = self.goals[self.goal_idx]
+        tries = self.art_tries[self.goal_idx] = self.art_tries.get(self.goal_idx, 0) + 1
+        if name in self.env.object_sites_dict and getattr(self.env.object_sites_dict[name], "joints", None):
+            site = self.env.object_sites_dict[name]
+            joint, parent = site.joints[0], site.parent_name
+        else:
+            joint, parent = self.env.get_object(name).joints[0], name
+        ranges = self.env.get_object(parent).object_properties["articulation"]
+        goal_range, other_range = (ranges[k] for k in self.ART_RANGES[pred])
+        sign = 1.0 if np.mean(goal_range) > np.mean(other_range) else -1.0
+        m, d = self.m, self.d
+        jid = m.joint(joint).id
+        body, slide = int(m.jnt_bodyid[jid]), m.jnt_type[jid] == 2
+        pts, owner = self._body_points(body, with_geoms=True)
+        axis, anchor = d.xaxis[jid], d.xanchor[jid]
+        vel = sign * (np.tile(axis, (len(pts), 1)) if slide else np.cross(axis, pts - anchor))
+        speed = np.linalg.norm(vel[:, :2], axis=1)
+        fast = speed >= 0.8 * speed.max()  # on a door or a knob, the part far from the hinge
+        u = vel[np.argmax(speed)][:2] / speed.max()
+        pull = pred == "open" and (slide or tries == 1)
+        if pull:  # the handle: what sticks out furthest along the way the part travels
+            lead = np.where(fast, pts[:, :2] @ u, -np.inf)
+            handle = pts[lead >= lead.max() - 0.012]
+            point = d.geom_xpos[owner[np.argmax(lead)]].copy()  # the centre (axis) of the handle's bar
+            upright = np.ptp(handle[:, 2]) > np.ptp(handle[:, :2] @ np.array([-u[1], u[0]]))
+        else:  # push the face that leads the travel, where the part moves fastest
+            far = pts[fast]
+            back = far[far[:, :2] @ u <= (far[:, :2] @ u).min() + 0.01]
+            point = (back.min(0) + back.max(0)) / 2
+            upright = False
+        R, x = d.xmat[body].reshape(3, 3), d.xpos[body]
+        self.art = dict(jid=jid, qadr=m.jnt_qposadr[jid], body=body, slide=slide, sign=sign, pull=pull,
+                        local=R.T @ (point - x), q0=float(d.qpos[m.jnt_qposadr[jid]]))
+        p, v = self._joint_point()
+        whole = self._points(parent)
+        if slide or pull:  # the hand points into the part: against the pull, along the push
+            w = -v if pull else v
+            if p[2] - whole[:, 2].min() < 0.08:  # near the table: tilt the hand down so the palm clears it
+                w = (w + np.array([0.0, 0.0, -self.LOW_TILT])) / np.sqrt(1 + self.LOW_TILT**2)
+            self.R_art = self._level_R(w, fingers_vertical=pull and not upright)
+            self.art["start"] = p if pull else p - w * 0.03
+        else:
+            w = np.array([0.0, 0.0, -1.0])
+            self.R_art = rotz(np.arctan2(v[1], v[0])) @ self.R0
+            self.art["start"] = p - v * 0.03
+        self.art["approach"] = self.art["start"] - w * 0.08
+        # come in from above the whole object (an open drawer or door sticks out into the way)
+        self.art["high"] = np.array([*self.art["approach"][:2], max(self.art["approach"][2], whole[:, 2].max() + 0.05)])
+
+    def _level_R(self, w, fingers_vertical):
+        """Hand orientation pointing along `w` (level, or tilted down), fingers closing in the vertical
+        plane through `w` or level across it; of the two finger directions, the one nearer the start's."""
+        z = w / np.linalg.norm(w)
+        across = np.cross([0.0, 0.0, 1.0], z)
+        across /= np.linalg.norm(across)
+        y = np.cross(z, across) if fingers_vertical else across
+        cands = [np.column_stack([np.cross(s * y, z), s * y, z]) for s in (1.0, -1.0)]
+        return min(cands, key=lambda Rc: np.linalg.norm(mat2axisangle(Rc @ self.R0.T)))
+
+    def _art_done(self):
+        return bool(self.env._eval_predicate(list(self.goals[self.goal_idx])))
+
+    def _act_articulated(self, obs):
+        a, ph = self.art, self.phase
+        p, v = self._joint_point()
+        turn = 0.0 if a["slide"] else float(self.d.qpos[a["qadr"]] - a["q0"])
+        R = T.quat2mat(T.axisangle2quat(self.d.xaxis[a["jid"]] * turn)) @ self.R_art  # the hand turns with a door
+        grip = 1
+        if a["pull"] and ph in ("art_high", "art_above", "art_descend"):  # open just wider than a handle bar
+            gap = obs["robot0_gripper_qpos"][0] - 0.018  # each finger's travel from closed, metres
+            grip = 0.0 if abs(gap) < 0.002 else float(np.sign(gap))
+        if ph == "art_high":
+            act, err = self._move(obs, a["high"], R, grip)
+            if err < 0.02 or self.t_phase > 60:
+                self.phase, self.t_phase = "art_above", 0
+        elif ph == "art_above":
+            act, err = self._move(obs, a["approach"], R, grip)
+            if err < 0.01 or self.t_phase > 60:
+                self.phase, self.t_phase = "art_descend", 0
+        elif ph == "art_descend":
+            act, err = self._move(obs, a["start"], R, grip, max_speed=0.5)
+            if err < 0.006 or self.t_phase > 40:
+                self.phase, self.t_phase = ("art_grasp" if a["pull"] else "art_move"), 0
+        elif ph == "art_grasp":
+            act, _ = self._move(obs, a["start"], R, 1)
+            if self.t_phase > 10:
+                self.phase, self.t_phase = "art_move", 0
+                R_body = self.d.xmat[a["body"]].reshape(3, 3)
+                self.art["offset"] = R_body.T @ (obs["robot0_eef_pos"] - p)  # where the hand holds the handle, in the part's frame
+        elif ph == "art_move":
+            held = p + self.d.xmat[a["body"]].reshape(3, 3) @ a["offset"] if a["pull"] else p - v * 0.005
+            act, _ = self._move(obs, held + v * 0.04, R, grip)
+            q = float(self.d.qpos[a["qadr"]])
+            if self.t_phase == 1 or self.t_phase % 10 == 0:
+                stuck = self.t_phase > 1 and abs(q - a["q_mark"]) < 0.005  # no progress in 10 steps: let go, re-plan
+                a["q_mark"] = q
+            else:
+                stuck = False
+            if self._art_done() or stuck or self.t_phase > 150:
+                self.phase, self.t_phase = "art_release", 0
+        elif ph == "art_release":
+            act, _ = self._move(obs, obs["robot0_eef_pos"], R, -1)
+            act[:3] = 0
+            if self.t_phase > 6 or not a["pull"]:
+                self.phase, self.t_phase = "art_retreat", 0
+        elif ph == "art_retreat":  # back off the way the hand came in
+            back = a["approach"] - a["start"]
+            act, err = self._move(obs, obs["robot0_eef_pos"] + back / np.linalg.norm(back) * 0.03, R, -1)
+            if self.t_phase > 8:
+                self.phase, self.t_phase = "art_home", 0
+                self.art["home"] = np.array([*obs["robot0_eef_pos"][:2], max(obs["robot0_eef_pos"][2], a["high"][2])])
+        else:  # up and the hand back to pointing down, slowly (a fast turn from level can fold the wrist), then the next sub-goal
+            act, err = self._move(obs, a["home"], self.R0, -1, max_speed=0.5)
+            act[3:6] = np.clip(act[3:6], -0.5, 0.5)
+            if err < 0.02 or self.t_phase > 40:
+                if not self._art_done():
+                    self.phase, self.t_phase = "plan", 0  # slipped: try again
+                elif self.goal_idx + 1 < len(self.goals):
+                    self.goal_idx, self.phase, self.t_phase = self.goal_idx + 1, "plan", 0
+        return np.clip(act, -1, 1)
+
     def _pred(self):
-        return self.env.parsed_problem["goal_state"][self.goal_idx][0]
+        return self.goals[self.goal_idx][0]
 
     # -- control ------------------------------------------------------------------------
     def _move(self, obs, target_pos, R_target, gripper, max_speed=1.0):
@@ -369,7 +532,7 @@ class ScriptedExpert:
 
     def _place_eef_xy(self, obs):
         """Closed loop on the held object: move the gripper so the object's body is over the target."""
-        obj = self.goals[self.goal_idx][0]
+        obj = self.goals[self.goal_idx][1]
         obj_xy = self.env.sim.data.body_xpos[self.env.obj_body_id[obj]][:2]
         return obs["robot0_eef_pos"][:2] + (self.place_xy - obj_xy)
 
@@ -378,8 +541,19 @@ class ScriptedExpert:
             if not hasattr(self, "R0"):
                 self.R0 = quat2mat(obs["robot0_eef_quat"])
                 self.wrist0 = obs["robot0_joint_pos"][6]
-            self._plan_goal(obs)
-            self.phase, self.t_phase = "above", 0
+            target = self.goals[self.goal_idx][-1]
+            site = self.env.object_sites_dict.get(target)
+            if self._pred() == "in" and getattr(site, "joints", None) and not self.env._eval_predicate(["open", target]):
+                self.goals.insert(self.goal_idx, ("open", target))  # a closed drawer is opened first
+            if self._pred() in self.ART_RANGES:
+                self._plan_articulated(obs)
+                self.phase, self.t_phase = "art_high", 0
+            else:
+                self._plan_goal(obs)
+                self.phase, self.t_phase = "above", 0
+        if self.phase.startswith("art_"):
+            self.t_phase += 1
+            return self._act_articulated(obs)
         self.t_phase += 1
         self.trail = ([] if self.t_phase == 1 else self.trail[-5:]) + [obs["robot0_eef_pos"].copy()]
         # blocked by contact (a finger on a rim, the object on the target): stop waiting
@@ -406,7 +580,7 @@ class ScriptedExpert:
                 self.phase, self.t_phase = "carry", 0
         elif ph == "regrasp":  # open and back off until the dropped object is at rest, then re-plan
             a, _ = self._move(obs, np.array([g[0], g[1], g[2] + 0.08]), self.R_grasp, -1)
-            obj_pos = self.d.xpos[self.env.obj_body_id[self.goals[self.goal_idx][0]]].copy()
+            obj_pos = self.d.xpos[self.env.obj_body_id[self.goals[self.goal_idx][1]]].copy()
             at_rest = self.t_phase > 2 and np.linalg.norm(obj_pos - self.obj_last) < 0.001
             self.obj_last = obj_pos
             if at_rest or self.t_phase > 10:
@@ -928,12 +1102,82 @@ def restore_controller_state(env, past_actions):
     robot.gripper.current_action = command
 
 
+def _table_episode(task_seed):
+    """One scripted episode of (task, seed) for --scripted-table; a worker rebuilds its env when the task changes."""
+    name, seed = task_seed
+    if _WORKER.get("task", {}).get("name") != name:
+        if "env" in _WORKER:
+            _WORKER["env"].close()
+        _rollout_init(name, "scripted")
+    try:
+        ep = rollout_episode(seed)
+    except UnsupportedGoal as e:
+        return dict(task=name, seed=seed, success=False, steps=0, error=str(e))
+    return dict(task=name, seed=seed, success=bool(ep["success"]), steps=len(ep["actions"]), seconds=ep["seconds"])
+
+
+def scripted_table(args, num_workers):
+    """Success rate and episode lengths of the scripted expert per task, merged into a JSON file
+    ({"tasks": {task: {...}}}) as each task finishes."""
+    names = []
+    for name in args.table_tasks:
+        if name in SUITES:
+            names += [f"{name}_{i}" for i in range(90 if name == "libero_90" else 10)]
+        else:
+            names.append(resolve_task(name)["name"])
+    path = args.scripted_table
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                table = json.load(f)
+        except ValueError:
+            table = None
+        if not isinstance(table, dict) or not isinstance(table.get("tasks"), dict):
+            raise UserError(f"--scripted-table '{path}' exists but is not a JSON object with a 'tasks' object")
+    else:
+        check_out_path(path, False)
+        table = {"tasks": {}}
+    todo = [n for n in names if args.overwrite or n not in table["tasks"]]
+    print(f"{len(names) - len(todo)} of {len(names)} tasks already in {path}; {len(todo)} to roll out, "
+          f"{args.num_demos} placements each, {num_workers} workers", flush=True)
+    table["command"] = "python collect_demos.py " + " ".join(sys.argv[1:])
+    table["placements"] = f"seeds {args.seed} * 1000003 + 0..{args.num_demos - 1}: fresh placements, never the evaluation init states"
+    jobs = [(n, args.seed * 1_000_003 + i) for n in todo for i in range(args.num_demos)]
+    pending, t0 = {n: [] for n in todo}, time.time()
+    with make_pool(num_workers, None, ()) as pool:
+        for ep in pool.imap(_table_episode, jobs):
+            pending[ep["task"]].append(ep)
+            if len(pending[ep["task"]]) < args.num_demos:
+                continue
+            eps = pending.pop(ep["task"])
+            wins = [e for e in eps if e["success"]]
+            row = dict(success=len(wins) / len(eps), successes=len(wins), episodes=len(eps),
+                       mean_steps=float(np.mean([e["steps"] for e in wins])) if wins else None,
+                       max_steps=max(e["steps"] for e in wins) if wins else None,
+                       step_limit=SUITES[ep["task"].rpartition("_")[0]], command=table["command"])
+            if any("error" in e for e in eps):
+                row["error"] = eps[0].get("error")
+            table["tasks"][ep["task"]] = row
+            table["tasks"] = dict(sorted(table["tasks"].items(), key=lambda kv: (list(SUITES).index(kv[0].rpartition("_")[0]), int(kv[0].rpartition("_")[2]))))
+            tmp = f"{path}.tmp-{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(table, f, indent=1)
+                f.write("\n")
+            os.replace(tmp, path)  # the file is whole after every task
+            steps = f", {row['mean_steps']:.0f} steps (limit {row['step_limit']})" if wins else ""
+            print(f"{ep['task']}: {len(wins)}/{len(eps)}{steps} | {len(table['tasks'])} tasks in {path} | "
+                  f"{(time.time() - t0) / 60:.1f} min", flush=True)
+    return path
+
+
 def main(args):
     num_workers = args.num_workers or os.cpu_count() or 1
     if args.report:
         return report(args.report, args.report_png)
     if args.num_demos < 1:
         raise UserError(f"--num-demos must be at least 1 (got {args.num_demos})")
+    if args.scripted_table:
+        return scripted_table(args, num_workers)
     if args.max_attempts is not None and args.max_attempts < 1:
         raise UserError(f"--max-attempts must be at least 1 (got {args.max_attempts})")
     for flag in ("num_workers", "seed", "video"):
