@@ -241,6 +241,15 @@ class UnsupportedGoal(Exception):
     pass
 
 
+def articulated_joint(env, name):
+    """(joint name, parent object) behind an articulated goal's argument: a region of a drawer
+    (`wooden_cabinet_1_top_region`) or an object with a joint (`microwave_1`, `flat_stove_1`)."""
+    site = env.object_sites_dict.get(name)
+    if getattr(site, "joints", None):
+        return site.joints[0], site.parent_name
+    return env.get_object(name).joints[0], name
+
+
 
 
 class ScriptedExpert:
@@ -397,11 +406,7 @@ class ScriptedExpert:
         from the inside."""
         pred, name = self.goals[self.goal_idx]
         tries = self.art_tries[self.goal_idx] = self.art_tries.get(self.goal_idx, 0) + 1
-        if name in self.env.object_sites_dict and getattr(self.env.object_sites_dict[name], "joints", None):
-            site = self.env.object_sites_dict[name]
-            joint, parent = site.joints[0], site.parent_name
-        else:
-            joint, parent = self.env.get_object(name).joints[0], name
+        joint, parent = articulated_joint(self.env, name)
         ranges = self.env.get_object(parent).object_properties["articulation"]
         goal_range, other_range = (ranges[k] for k in self.ART_RANGES[pred])
         sign = 1.0 if np.mean(goal_range) > np.mean(other_range) else -1.0
@@ -488,11 +493,9 @@ class ScriptedExpert:
             held = p + self.d.xmat[a["body"]].reshape(3, 3) @ a["offset"] if a["pull"] else p - v * 0.005
             act, _ = self._move(obs, held + v * 0.04, R, grip)
             q = float(self.d.qpos[a["qadr"]])
+            stuck = self.t_phase % 10 == 0 and abs(q - a["q_mark"]) < 0.005  # no progress in 10 steps: let go, re-plan
             if self.t_phase == 1 or self.t_phase % 10 == 0:
-                stuck = self.t_phase > 1 and abs(q - a["q_mark"]) < 0.005  # no progress in 10 steps: let go, re-plan
                 a["q_mark"] = q
-            else:
-                stuck = False
             if self._art_done() or stuck or self.t_phase > 150:
                 self.phase, self.t_phase = "art_release", 0
         elif ph == "art_release":

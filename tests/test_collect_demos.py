@@ -215,10 +215,8 @@ def test_interrupted_run_leaves_no_file(tmp_path):
 
 def articulation(env, goal):
     """The qpos of the joint behind an articulated goal like ('open', 'wooden_cabinet_1_top_region')."""
-    e = env.env
-    site = e.object_sites_dict.get(goal[1])
-    joint = site.joints[0] if site is not None and getattr(site, "joints", None) else e.get_object(goal[1]).joints[0]
-    return float(e.sim.data.qpos[e.sim.model.get_joint_qpos_addr(joint)])
+    joint, _ = collect_demos.articulated_joint(env.env, goal[1])
+    return float(env.env.sim.data.qpos[env.env.sim.model.get_joint_qpos_addr(joint)])
 
 
 # a drawer opened by its handle and one closed by a push, a microwave door closed by a push, a stove
