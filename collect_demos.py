@@ -1,6 +1,6 @@
 """Collect LIBERO demonstrations without a human: roll out a policy, keep successes, render.
 
-Stage 1 of the pipeline (see README): writes demos in the LIBERO / robomimic HDF5 layout
+Stage 1 of the pipeline (README; docs/SCRIPTS.md): writes demos in the LIBERO / robomimic HDF5 layout
 (DESIGN.md "demos.hdf5"), so that every later stage reads ours and LIBERO's human files alike.
 
     python collect_demos.py --task libero_spatial_0 --policy scripted --num-demos 50
@@ -18,11 +18,9 @@ How it works
      agentview and eye-in-hand images are taken (about 0.1 s a camera frame in software EGL,
      so only kept steps are rendered). `--no-images` skips this for state-only warm-start data.
 
-The scripted expert reads the goal from the task's BDDL (`parsed_problem["goal_state"]`) and
-the privileged simulator state: for each `On(obj, target)` / `In(obj, region)` it moves above
-the object, descends, closes the gripper, lifts, carries over the target, lowers and opens.
-Grasps come from the object's collision geometry: objects narrower than the gripper are
-grasped across their narrow horizontal axis, wider ones (bowls) by the rim.
+The scripted expert (scripted_expert.py) reads the goal from the task's BDDL and the privileged
+simulator state: pick-and-place for On / In, drawers, doors and stove knobs for Open / Close /
+TurnOn / TurnOff. `--scripted-table` measures its success per task from fresh placements.
 
 Dimension legend
   T   steps in a demo (after the 10 unrecorded settle steps)
@@ -47,7 +45,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import h5py
 import numpy as np
@@ -56,32 +54,36 @@ import tyro
 # robosuite warns about a missing private macro file at every import, in every worker
 logging.getLogger("robosuite_logs").addFilter(lambda record: "macro" not in record.getMessage())
 import robosuite.utils.transform_utils as T  # noqa: E402 (after the filter above)
+from scripted_expert import ScriptedExpert, UnsupportedGoal  # noqa: E402 (the policy behind --policy scripted)
+
+
+DEFAULT_IN_DOC = tyro.conf.arg(help_behavior_hint="")  # the field's docstring says what None means
 
 
 @dataclass
 class Args:
-    task: Optional[str] = None
+    task: Annotated[Optional[str], DEFAULT_IN_DOC] = None
     """task to collect, `<suite>_<index>`: suite in libero_spatial, libero_object, libero_goal, libero_10, libero_90 (default with a checkpoint: its task)"""
     policy: str = "scripted"
     """`scripted` (privileged-state expert) or an RL checkpoint (`runs/<run>/expert.pt` of diffusion_ppo.py or gaussian_ppo.py)"""
     num_demos: int = 50
     """successful demonstrations to keep"""
-    max_attempts: Optional[int] = None
+    max_attempts: Annotated[Optional[int], DEFAULT_IN_DOC] = None
     """episodes to try at most before giving up (default: 4 x num_demos + 10)"""
     seed: int = 0
     """base seed: episode i starts from `env.seed(seed * 1_000_003 + i); env.reset()`"""
     num_workers: int = 0
     """rollout / rendering processes, each with its own env (0: one per CPU core)"""
-    out_path: Optional[str] = None
+    out_path: Annotated[Optional[str], DEFAULT_IN_DOC] = None
     """output file (default: data/<task>_<source>.hdf5, or <input>_replay.hdf5 with --replay)"""
     overwrite: bool = False
     """replace an existing --out-path (without it, an existing file is refused before any rollout)"""
     image_size: int = 128
     """side of the square agentview and eye-in-hand images"""
-    no_images: bool = False
-    """write state-only demos (no rendering): enough for the state-based RL warm start"""
-    no_reflections: bool = False
-    """render without MuJoCo's mirror pass (the table's reflections): half the cost of a software-rendered frame; the file records it, and train_vla.py and eval_libero.py render the same way"""
+    images: bool = True
+    """render the camera images; --no-images writes state-only demos, enough for the state-based RL warm start"""
+    reflections: bool = True
+    """render MuJoCo's mirror pass (the table's reflections); --no-reflections halves the cost of a software-rendered frame, the file records it, and train_vla.py and eval_libero.py render the same way"""
     video: int = 0
     """write upright MP4s of the first N kept demos next to the output file"""
     replay: Optional[str] = None
@@ -94,11 +96,11 @@ class Args:
     """print only the summary, not one line per episode"""
     scripted_table: Optional[str] = None
     """write no demos: roll the scripted expert out from --num-demos fresh placements of each of --table-tasks and merge its success and episode lengths per task into this JSON (a task already in it is skipped unless --overwrite, so an interrupted run goes on where it stopped)"""
-    table_tasks: List[str] = field(default_factory=lambda: list(SUITES))
+    table_tasks: List[str] = field(default_factory=lambda: list(STEP_LIMITS))
     """tasks (libero_goal_3) and/or whole suites (libero_90) for --scripted-table"""
 
 
-SUITES = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520, "libero_90": 400}
+STEP_LIMITS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520, "libero_90": 400}
 """suite -> step limit (the protocol of OpenVLA and openpi, after the settle steps)"""
 NUM_SETTLE_STEPS = 10
 SETTLE_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float64)
@@ -109,18 +111,35 @@ class UserError(Exception):
     """A mistake the user can fix; main prints its message as one sentence and exits 2."""
 
 
+# --- begin copied block: task names ---
+SUITE_SIZES = {"libero_spatial": 10, "libero_object": 10, "libero_goal": 10, "libero_10": 10, "libero_90": 90}
+
+
+def expand_tasks(names):
+    """Suites and task names -> task names, or a UserError naming the valid ones."""
+    out = []
+    for name in names:
+        if name in SUITE_SIZES:
+            out += [f"{name}_{i}" for i in range(SUITE_SIZES[name])]
+            continue
+        suite, _, index = name.rpartition("_")
+        if suite not in SUITE_SIZES or not index.isdigit() or int(index) >= SUITE_SIZES[suite]:
+            raise UserError(f"unknown task '{name}': use a suite (libero_spatial, libero_object, libero_goal, libero_10, "
+                            "libero_90) or <suite>_<index> with index 0-9 (0-89 for libero_90)")
+        out.append(name)
+    return list(dict.fromkeys(out))
+# --- end copied block: task names ---
+
+
 def resolve_task(name):
     """`libero_spatial_0` -> dict with the suite, BDDL path, instruction, step limit and eval init states."""
     from libero.libero import benchmark, get_libero_path
 
-    valid = ", ".join(f"{s}_0..{s}_{9 if s != 'libero_90' else 89}" for s in SUITES)
-    suite_name, _, index = (name or "").rpartition("_")
-    if suite_name not in SUITES or not index.isdigit():
-        raise UserError(f"unknown task '{name}': valid tasks are {valid}")
+    if name in SUITE_SIZES or expand_tasks([name]) != [name]:
+        raise UserError(f"unknown task '{name}': give one task, <suite>_<index> (e.g. libero_spatial_0)")
+    suite_name, _, index = name.rpartition("_")
     with contextlib.redirect_stdout(None):  # the benchmark prints a line about task order
         suite = benchmark.get_benchmark_dict()[suite_name]()
-    if int(index) >= suite.n_tasks:
-        raise UserError(f"unknown task '{name}': valid tasks are {valid}")
     task = suite.get_task(int(index))
     return dict(
         name=name,
@@ -128,7 +147,7 @@ def resolve_task(name):
         index=int(index),
         bddl=os.path.join(get_libero_path("bddl_files"), task.problem_folder, task.bddl_file),
         language=task.language,
-        max_steps=SUITES[suite_name],
+        max_steps=STEP_LIMITS[suite_name],
         init_states=suite.get_task_init_states(int(index)),
     )
 
@@ -192,424 +211,30 @@ def libero_env_kwargs(bddl_file_name, image_size=None):
     return dict(bddl_file_name=bddl_file_name, **kwargs)
 
 
+# --- begin copied block: arm start ---
+ARM_START_NOISE = 0.02
+"""std (rad) of the arm's joints around their home pose at a fresh placement: robosuite's default reset noise,
+with which LIBERO's shipped init states were made (LIBERO's ControlEnv turns it off)"""
+
+
+def fresh_placement(env, seed):
+    """Reset to the placement of `seed` and start the arm as LIBERO's init states do: its joints drawn
+    around the home pose, then set as evaluation sets an init state (after a reset, so the arm
+    controller keeps the home pose as its nullspace target, as in evaluation). Returns the observation."""
+    env.seed(seed)
+    env.reset()
+    state = env.get_sim_state().copy()
+    arm = 1 + np.asarray(env.env.robots[0]._ref_joint_pos_indexes)  # a flattened state is [time, qpos, qvel]
+    state[arm] += np.random.default_rng(seed).normal(0.0, ARM_START_NOISE, len(arm))
+    return env.set_init_state(state)
+# --- end copied block: arm start ---
+
+
 def set_reflections(env, on):
     """Turn the mirror pass of the env's offscreen renderer on (LIBERO's look) or off (half the cost in software)."""
     import mujoco
 
     env.env.sim._render_context_offscreen.scn.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = int(on)
-
-
-def quat2axisangle(q):
-    """robosuite (x, y, z, w) quaternion -> axis-angle 3-vector."""
-    q = np.asarray(q, dtype=np.float64)
-    w = np.clip(q[3], -1.0, 1.0)
-    den = np.sqrt(1.0 - w * w)
-    return np.zeros(3) if den < 1e-8 else q[:3] * 2.0 * np.arccos(w) / den
-
-
-def quat2mat(q):
-    x, y, z, w = q
-    return np.array([
-        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
-    ])
-
-
-def mat2axisangle(R):
-    angle = np.arccos(np.clip((np.trace(R) - 1) / 2, -1.0, 1.0))
-    if angle < 1e-6:
-        return np.zeros(3)
-    if angle > np.pi - 1e-4:  # axis from the diagonal near a half turn
-        axis = np.sqrt(np.maximum((np.diag(R) + 1) / 2, 0))
-        i = int(np.argmax(axis))
-        axis = R[:, i] + np.eye(3)[i]
-        return axis / np.linalg.norm(axis) * angle
-    axis = np.array([R[2, 1] - R[1, 2], R[0, 2] - R[2, 0], R[1, 0] - R[0, 1]]) / (2 * np.sin(angle))
-    return axis * angle
-
-
-def rotz(a):
-    c, s = np.cos(a), np.sin(a)
-    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
-
-
-# ---------------------------------------------------------------------------------------
-# SCRIPTED EXPERT: privileged state + BDDL goal -> OSC_POSE actions
-# ---------------------------------------------------------------------------------------
-class UnsupportedGoal(Exception):
-    pass
-
-
-def articulated_joint(env, name):
-    """(joint name, parent object) behind an articulated goal's argument: a region of a drawer
-    (`wooden_cabinet_1_top_region`) or an object with a joint (`microwave_1`, `flat_stove_1`)."""
-    site = env.object_sites_dict.get(name)
-    if getattr(site, "joints", None):
-        return site.joints[0], site.parent_name
-    return env.get_object(name).joints[0], name
-
-
-
-
-class ScriptedExpert:
-    """State machine over the BDDL goal: pick-and-place for every `On` / `In`, and for `Open`,
-    `Close`, `TurnOn` and `TurnOff` a pull (grasp the handle, move it along its joint) or a push
-    (closed fingers against the moving part). Joints, their axes and the handles come from the MuJoCo
-    model and LIBERO's articulation ranges, not from per-task tables. Opening and switching come
-    first, then the placements, then the closing (a drawer is closed after the bowl is in it)."""
-
-    GRIPPER_SPAN = 0.075  # Panda fingers open to about 8 cm; keep a margin
-    POS_GAIN = 12.0  # action per metre of error (action 1 = 5 cm OSC step)
-    LOW_TILT = 0.36  # a hand working a handle within 8 cm of the table points down by atan(0.36) = 20 degrees
-    ORDER = {"open": 0, "turnon": 0, "turnoff": 0, "on": 1, "in": 1, "close": 2}
-
-    def __init__(self, env):
-        self.env = env.env
-        goals = [tuple(pred) for pred in self.env.parsed_problem["goal_state"]]
-        for pred in goals:
-            if pred[0] not in self.ORDER:
-                raise UnsupportedGoal(f"the scripted expert cannot do the predicate '{pred[0]}' in goal {list(pred)}")
-        self.goals = sorted(goals, key=lambda g: self.ORDER[g[0]])  # stable: BDDL order within a kind
-        m = self.env.sim.model._model
-        self.m, self.d = m, self.env.sim.data._data
-        self.goal_idx, self.phase, self.t_phase = 0, "plan", 0
-        self.art_tries = {}  # goal index -> articulated attempts so far
-
-    # -- geometry of bodies and sites ----------------------------------------------------
-    def _points(self, name):
-        """World-frame points of the collision geometry of object `name` (body and children)."""
-        return self._body_points(self.env.obj_body_id[name])
-
-    def _body_points(self, root, with_geoms=False):
-        """World-frame points of the collision geometry of MuJoCo body `root` and its children (and,
-        with_geoms, the geom each point belongs to)."""
-        m, d = self.m, self.d
-        bodies = {root}
-        for b in range(m.nbody):  # bodies are ordered parent-first
-            if m.body_parentid[b] in bodies:
-                bodies.add(b)
-        pts, owner = [], []
-        for g in range(m.ngeom):
-            if m.geom_bodyid[g] not in bodies or (m.geom_contype[g] == 0 and m.geom_conaffinity[g] == 0):
-                continue
-            R, p = d.geom_xmat[g].reshape(3, 3), d.geom_xpos[g]
-            if m.geom_type[g] == 7:  # mesh: its vertices, already in the geom frame
-                mid = m.geom_dataid[g]
-                v = m.mesh_vert[m.mesh_vertadr[mid]: m.mesh_vertadr[mid] + m.mesh_vertnum[mid]]
-            else:  # primitive: corners of its local bounding box
-                c, h = m.geom_aabb[g, :3], m.geom_aabb[g, 3:]
-                v = c + h * np.array([[i, j, k] for i in (-1, 1) for j in (-1, 1) for k in (-1, 1)])
-            pts.append(p + v @ R.T)
-            owner.append(np.full(len(v), g))
-        if not pts:
-            return (d.xpos[root][None].copy(), np.array([-1])) if with_geoms else d.xpos[root][None].copy()
-        return (np.concatenate(pts), np.concatenate(owner)) if with_geoms else np.concatenate(pts)
-
-    def _site(self, name):
-        site = self.env.object_sites_dict[name]
-        pos = self.env.sim.data.get_site_xpos(name).copy()
-        size = np.asarray(getattr(site, "size", [0.02, 0.02, 0.01]), dtype=np.float64)
-        return pos, size
-
-    def _plan_goal(self, obs):
-        """Grasp pose for the object and place pose over the target, from the current state."""
-        _, obj, target = self.goals[self.goal_idx]
-        pts = self._points(obj)
-        center_xy = (pts[:, :2].min(0) + pts[:, :2].max(0)) / 2
-        lo_z, hi_z = pts[:, 2].min(), pts[:, 2].max()
-        # horizontal principal axes of the object's footprint
-        xy = pts[:, :2] - center_xy
-        _, vecs = np.linalg.eigh(xy.T @ xy)
-        widths = [np.ptp(xy @ vecs[:, k]) for k in range(2)]
-        # candidate grasps: (point, finger closing direction, preference penalty)
-        cands = []
-        for k in range(2):
-            if widths[k] < self.GRIPPER_SPAN:  # fingers close across axis k; slide along the other
-                axis, other = vecs[:, k], vecs[:, 1 - k]
-                reach = max(widths[1 - k] / 2 - 0.01, 0.0)
-                for s in np.linspace(-1, 1, 9) * reach:
-                    z = max(hi_z - 0.035, lo_z + 0.5 * (hi_z - lo_z))
-                    cands.append((np.array([*(center_xy + s * other), z]), axis, 0.2 * abs(s) + 0.002 * k))
-        if not cands:  # too wide to span (a bowl): pinch the rim, preferably on the robot's side
-            for ang in np.linspace(0, 2 * np.pi, 16, endpoint=False):
-                u = np.array([np.cos(ang), np.sin(ang)])
-                rim_xy = center_xy + u * (np.max(xy @ u) - 0.012)  # the rim may be tilted: measure it
-                near = pts[np.linalg.norm(pts[:, :2] - rim_xy, axis=1) < 0.02]
-                rim_top = near[:, 2].max() if len(near) else hi_z
-                pen = 0.005 * (1 + u[0])  # u = (-1, 0) points at the robot base
-                cands.append((np.array([*rim_xy, rim_top - 0.02]), u, pen))
-        # keep the open fingers (and the hand above them) clear of every other body
-        others = np.concatenate([self._points(n) for n in self.env.obj_body_id if n != obj])
-
-        def clearance(point, u):
-            p = others[others[:, 2] > point[2] - 0.015]
-            if not len(p):
-                return 1.0
-            rel = p[:, :2] - point[:2]
-            along = rel @ u
-            hand = p[:, 2] > point[2] + 0.04  # the hand above the fingers is longer and thicker
-            half_along, half_across = np.where(hand, 0.11, 0.06), np.where(hand, 0.035, 0.012)
-            across = np.abs(rel @ np.array([-u[1], u[0]]))
-            out = np.maximum(np.abs(along) - half_along, 0.0)
-            return float(np.sqrt(out**2 + np.maximum(across - half_across, 0.0) ** 2).min())
-
-        grasp, close_dir, _ = max(cands, key=lambda c: min(clearance(c[0], c[1]), 0.03) - c[2])
-        # yaw that lines the finger axis (gripper y) up with close_dir; the fingers are symmetric, so
-        # yaw and yaw +- pi grasp alike: take the smaller turn that keeps the wrist joint (which turns
-        # by about -yaw, limit +-2.9 rad) well inside its range
-        yaw = np.arctan2(close_dir[1], close_dir[0]) - np.pi / 2
-        yaw = (yaw + np.pi / 2) % np.pi - np.pi / 2
-        yaw = min((yaw, yaw + np.pi, yaw - np.pi), key=lambda y: abs(y) + 10 * max(abs(self.wrist0 - y) - 2.0, 0.0))
-        self.R_grasp = rotz(yaw) @ self.R0
-        self.grasp = grasp
-        self.obj_bottom_below_grasp = grasp[2] - lo_z
-        # target: a body (plate, bowl) or a region site (basket_1_contain_region, stove...)
-        if target in self.env.obj_body_id:
-            tp = self._points(target)
-            self.place_xy = self.env.sim.data.body_xpos[self.env.obj_body_id[target]][:2].copy()
-            surface = tp[:, 2].max()
-            target_hi = surface
-        else:
-            pos, size = self._site(target)
-            self.place_xy = pos[:2]
-            parent = target.split("_")[0] + "_" + target.split("_")[1]
-            parent_hi = self._points(parent)[:, 2].max() if parent in self.env.obj_body_id else pos[2]
-            target_hi = max(parent_hi, pos[2] + size[2])
-            # 'in' a container: let go a little above its floor; 'on' a site: just above it
-            surface = pos[2] - size[2] if self.goals and self._pred() == "in" else pos[2]
-        self.release_z = surface + 0.015 + self.obj_bottom_below_grasp
-        self.carry_z = max(target_hi, hi_z) + 0.06 + self.obj_bottom_below_grasp
-
-    # -- articulated objects: drawers, doors, knobs ---------------------------------------
-    ART_RANGES = {"open": ("default_open_ranges", "default_close_ranges"), "close": ("default_close_ranges", "default_open_ranges"),
-                  "turnon": ("default_turnon_ranges", "default_turnoff_ranges"), "turnoff": ("default_turnoff_ranges", "default_turnon_ranges")}
-
-    def _joint_point(self):
-        """World position of the tracked point on the moving part, and its direction of travel
-        (unit, horizontal) when the joint moves towards the goal."""
-        a = self.art
-        R, x = self.d.xmat[a["body"]].reshape(3, 3), self.d.xpos[a["body"]]
-        p = x + R @ a["local"]
-        axis = self.d.xaxis[a["jid"]]
-        v = axis if a["slide"] else np.cross(axis, p - self.d.xanchor[a["jid"]])
-        v = a["sign"] * np.array([v[0], v[1], 0.0])
-        return p, v / max(np.linalg.norm(v), 1e-9)
-
-    def _plan_articulated(self, obs):
-        """Pull a handle (open a drawer or a door) or push the moving part (close it, turn a knob).
-
-        Handles are grasped with the hand level, pointing at the part (from above, the palm would meet
-        the cabinet or the door's top before the fingers reach the handle), and drawers are pushed
-        the same way. Doors and knobs are pushed from above with closed fingers: a door that the
-        first pull left ajar (the arm cannot follow its handle all the way round) is pushed open
-        from the inside."""
-        pred, name = self.goals[self.goal_idx]
-        tries = self.art_tries[self.goal_idx] = self.art_tries.get(self.goal_idx, 0) + 1
-        joint, parent = articulated_joint(self.env, name)
-        ranges = self.env.get_object(parent).object_properties["articulation"]
-        goal_range, other_range = (ranges[k] for k in self.ART_RANGES[pred])
-        sign = 1.0 if np.mean(goal_range) > np.mean(other_range) else -1.0
-        m, d = self.m, self.d
-        jid = m.joint(joint).id
-        body, slide = int(m.jnt_bodyid[jid]), m.jnt_type[jid] == 2
-        pts, owner = self._body_points(body, with_geoms=True)
-        axis, anchor = d.xaxis[jid], d.xanchor[jid]
-        vel = sign * (np.tile(axis, (len(pts), 1)) if slide else np.cross(axis, pts - anchor))
-        speed = np.linalg.norm(vel[:, :2], axis=1)
-        fast = speed >= 0.8 * speed.max()  # on a door or a knob, the part far from the hinge
-        u = vel[np.argmax(speed)][:2] / speed.max()
-        pull = pred == "open" and (slide or tries == 1)
-        if pull:  # the handle: what sticks out furthest along the way the part travels
-            lead = np.where(fast, pts[:, :2] @ u, -np.inf)
-            handle = pts[lead >= lead.max() - 0.012]
-            point = d.geom_xpos[owner[np.argmax(lead)]].copy()  # the centre (axis) of the handle's bar
-            upright = np.ptp(handle[:, 2]) > np.ptp(handle[:, :2] @ np.array([-u[1], u[0]]))
-        else:  # push the face that leads the travel, where the part moves fastest
-            far = pts[fast]
-            back = far[far[:, :2] @ u <= (far[:, :2] @ u).min() + 0.01]
-            point = (back.min(0) + back.max(0)) / 2
-            upright = False
-        R, x = d.xmat[body].reshape(3, 3), d.xpos[body]
-        self.art = dict(jid=jid, qadr=m.jnt_qposadr[jid], body=body, slide=slide, sign=sign, pull=pull,
-                        local=R.T @ (point - x), q0=float(d.qpos[m.jnt_qposadr[jid]]))
-        p, v = self._joint_point()
-        whole = self._points(parent)
-        if slide or pull:  # the hand points into the part: against the pull, along the push
-            w = -v if pull else v
-            if p[2] - whole[:, 2].min() < 0.08:  # near the table: tilt the hand down so the palm clears it
-                w = (w + np.array([0.0, 0.0, -self.LOW_TILT])) / np.sqrt(1 + self.LOW_TILT**2)
-            self.R_art = self._level_R(w, fingers_vertical=pull and not upright)
-            self.art["start"] = p if pull else p - w * 0.03
-        else:
-            w = np.array([0.0, 0.0, -1.0])
-            self.R_art = rotz(np.arctan2(v[1], v[0])) @ self.R0
-            self.art["start"] = p - v * 0.03
-        self.art["approach"] = self.art["start"] - w * 0.08
-        # come in from above the whole object (an open drawer or door sticks out into the way)
-        self.art["high"] = np.array([*self.art["approach"][:2], max(self.art["approach"][2], whole[:, 2].max() + 0.05)])
-
-    def _level_R(self, w, fingers_vertical):
-        """Hand orientation pointing along `w` (level, or tilted down), fingers closing in the vertical
-        plane through `w` or level across it; of the two finger directions, the one nearer the start's."""
-        z = w / np.linalg.norm(w)
-        across = np.cross([0.0, 0.0, 1.0], z)
-        across /= np.linalg.norm(across)
-        y = np.cross(z, across) if fingers_vertical else across
-        cands = [np.column_stack([np.cross(s * y, z), s * y, z]) for s in (1.0, -1.0)]
-        return min(cands, key=lambda Rc: np.linalg.norm(mat2axisangle(Rc @ self.R0.T)))
-
-    def _art_done(self):
-        return bool(self.env._eval_predicate(list(self.goals[self.goal_idx])))
-
-    def _act_articulated(self, obs):
-        a, ph = self.art, self.phase
-        p, v = self._joint_point()
-        turn = 0.0 if a["slide"] else float(self.d.qpos[a["qadr"]] - a["q0"])
-        R = T.quat2mat(T.axisangle2quat(self.d.xaxis[a["jid"]] * turn)) @ self.R_art  # the hand turns with a door
-        grip = 1
-        if a["pull"] and ph in ("art_high", "art_above", "art_descend"):  # open just wider than a handle bar
-            gap = obs["robot0_gripper_qpos"][0] - 0.018  # each finger's travel from closed, metres
-            grip = 0.0 if abs(gap) < 0.002 else float(np.sign(gap))
-        if ph == "art_high":
-            act, err = self._move(obs, a["high"], R, grip)
-            if err < 0.02 or self.t_phase > 60:
-                self.phase, self.t_phase = "art_above", 0
-        elif ph == "art_above":
-            act, err = self._move(obs, a["approach"], R, grip)
-            if err < 0.01 or self.t_phase > 60:
-                self.phase, self.t_phase = "art_descend", 0
-        elif ph == "art_descend":
-            act, err = self._move(obs, a["start"], R, grip, max_speed=0.5)
-            if err < 0.006 or self.t_phase > 40:
-                self.phase, self.t_phase = ("art_grasp" if a["pull"] else "art_move"), 0
-        elif ph == "art_grasp":
-            act, _ = self._move(obs, a["start"], R, 1)
-            if self.t_phase > 10:
-                self.phase, self.t_phase = "art_move", 0
-                R_body = self.d.xmat[a["body"]].reshape(3, 3)
-                self.art["offset"] = R_body.T @ (obs["robot0_eef_pos"] - p)  # where the hand holds the handle, in the part's frame
-        elif ph == "art_move":
-            held = p + self.d.xmat[a["body"]].reshape(3, 3) @ a["offset"] if a["pull"] else p - v * 0.005
-            act, _ = self._move(obs, held + v * 0.04, R, grip)
-            q = float(self.d.qpos[a["qadr"]])
-            stuck = self.t_phase % 10 == 0 and abs(q - a["q_mark"]) < 0.005  # no progress in 10 steps: let go, re-plan
-            if self.t_phase == 1 or self.t_phase % 10 == 0:
-                a["q_mark"] = q
-            if self._art_done() or stuck or self.t_phase > 150:
-                self.phase, self.t_phase = "art_release", 0
-        elif ph == "art_release":
-            act, _ = self._move(obs, obs["robot0_eef_pos"], R, -1)
-            act[:3] = 0
-            if self.t_phase > 6 or not a["pull"]:
-                self.phase, self.t_phase = "art_retreat", 0
-        elif ph == "art_retreat":  # back off the way the hand came in
-            back = a["approach"] - a["start"]
-            act, err = self._move(obs, obs["robot0_eef_pos"] + back / np.linalg.norm(back) * 0.03, R, -1)
-            if self.t_phase > 8:
-                self.phase, self.t_phase = "art_home", 0
-                self.art["home"] = np.array([*obs["robot0_eef_pos"][:2], max(obs["robot0_eef_pos"][2], a["high"][2])])
-        else:  # up and the hand back to pointing down, slowly (a fast turn from level can fold the wrist), then the next sub-goal
-            act, err = self._move(obs, a["home"], self.R0, -1, max_speed=0.5)
-            act[3:6] = np.clip(act[3:6], -0.5, 0.5)
-            if err < 0.02 or self.t_phase > 40:
-                if not self._art_done():
-                    self.phase, self.t_phase = "plan", 0  # slipped: try again
-                elif self.goal_idx + 1 < len(self.goals):
-                    self.goal_idx, self.phase, self.t_phase = self.goal_idx + 1, "plan", 0
-        return np.clip(act, -1, 1)
-
-    def _pred(self):
-        return self.goals[self.goal_idx][0]
-
-    # -- control ------------------------------------------------------------------------
-    def _move(self, obs, target_pos, R_target, gripper, max_speed=1.0):
-        pos_err = target_pos - obs["robot0_eef_pos"]
-        a = np.zeros(7)
-        a[:3] = np.clip(pos_err * self.POS_GAIN, -max_speed, max_speed)
-        R = quat2mat(obs["robot0_eef_quat"])
-        a[3:6] = np.clip(mat2axisangle(R_target @ R.T) * 3.0, -1.0, 1.0)
-        a[6] = gripper
-        # one error in metres and radians: a phase ends only once the yaw has turned as well
-        return a, max(np.linalg.norm(pos_err), 0.1 * np.linalg.norm(mat2axisangle(R_target @ R.T)))
-
-    def _place_eef_xy(self, obs):
-        """Closed loop on the held object: move the gripper so the object's body is over the target."""
-        obj = self.goals[self.goal_idx][1]
-        obj_xy = self.env.sim.data.body_xpos[self.env.obj_body_id[obj]][:2]
-        return obs["robot0_eef_pos"][:2] + (self.place_xy - obj_xy)
-
-    def act(self, obs):
-        if self.phase == "plan":
-            if not hasattr(self, "R0"):
-                self.R0 = quat2mat(obs["robot0_eef_quat"])
-                self.wrist0 = obs["robot0_joint_pos"][6]
-            target = self.goals[self.goal_idx][-1]
-            site = self.env.object_sites_dict.get(target)
-            if self._pred() == "in" and getattr(site, "joints", None) and not self.env._eval_predicate(["open", target]):
-                self.goals.insert(self.goal_idx, ("open", target))  # a closed drawer is opened first
-            if self._pred() in self.ART_RANGES:
-                self._plan_articulated(obs)
-                self.phase, self.t_phase = "art_high", 0
-            else:
-                self._plan_goal(obs)
-                self.phase, self.t_phase = "above", 0
-        if self.phase.startswith("art_"):
-            self.t_phase += 1
-            return self._act_articulated(obs)
-        self.t_phase += 1
-        self.trail = ([] if self.t_phase == 1 else self.trail[-5:]) + [obs["robot0_eef_pos"].copy()]
-        # blocked by contact (a finger on a rim, the object on the target): stop waiting
-        stalled = self.t_phase > 8 and np.linalg.norm(self.trail[-1] - self.trail[0]) < 0.002
-        g, ph = self.grasp, self.phase
-        if ph == "above":
-            a, err = self._move(obs, np.array([g[0], g[1], g[2] + 0.08]), self.R_grasp, -1)
-            if err < 0.01 or self.t_phase > 80:
-                self.phase, self.t_phase = "descend", 0
-        elif ph == "descend":
-            a, err = self._move(obs, g, self.R_grasp, -1, max_speed=0.5)
-            if err < 0.006 or stalled or self.t_phase > 40:
-                self.phase, self.t_phase = "grasp", 0
-        elif ph == "grasp":
-            a, _ = self._move(obs, g, self.R_grasp, 1)
-            if self.t_phase > 12:
-                self.phase, self.t_phase = "lift", 0
-        elif ph == "lift":
-            a, err = self._move(obs, np.array([g[0], g[1], self.carry_z]), self.R_grasp, 1)
-            if np.ptp(obs["robot0_gripper_qpos"]) < 0.004 and self.t_phase > 3:  # closed on nothing: try again
-                self.phase, self.t_phase = "regrasp", 0
-                self.obj_last = np.full(3, np.inf)
-            elif obs["robot0_eef_pos"][2] > self.carry_z - 0.03 or self.t_phase > 60:
-                self.phase, self.t_phase = "carry", 0
-        elif ph == "regrasp":  # open and back off until the dropped object is at rest, then re-plan
-            a, _ = self._move(obs, np.array([g[0], g[1], g[2] + 0.08]), self.R_grasp, -1)
-            obj_pos = self.d.xpos[self.env.obj_body_id[self.goals[self.goal_idx][1]]].copy()
-            at_rest = self.t_phase > 2 and np.linalg.norm(obj_pos - self.obj_last) < 0.001
-            self.obj_last = obj_pos
-            if at_rest or self.t_phase > 10:
-                self.phase, self.t_phase = "plan", 0
-        elif ph == "carry":
-            xy = self._place_eef_xy(obs)
-            a, err = self._move(obs, np.array([xy[0], xy[1], self.carry_z]), self.R_grasp, 1)
-            if err < 0.01 or self.t_phase > 100:
-                self.phase, self.t_phase = "lower", 0
-        elif ph == "lower":
-            xy = self._place_eef_xy(obs)
-            a, err = self._move(obs, np.array([xy[0], xy[1], self.release_z]), self.R_grasp, 1, max_speed=0.5)
-            if err < 0.008 or stalled or self.t_phase > 50:
-                self.phase, self.t_phase = "release", 0
-        elif ph == "release":
-            a, _ = self._move(obs, obs["robot0_eef_pos"], self.R_grasp, -1)
-            a[:3] = 0
-            if self.t_phase > 8:
-                self.phase, self.t_phase = "retreat", 0
-        else:  # retreat, then the next sub-goal
-            up = obs["robot0_eef_pos"].copy()
-            up[2] = self.carry_z + 0.05
-            a, err = self._move(obs, up, self.R_grasp, -1)
-            if (err < 0.02 or self.t_phase > 30) and self.goal_idx + 1 < len(self.goals):
-                self.goal_idx, self.phase = self.goal_idx + 1, "plan"
-        return np.clip(a, -1, 1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -623,19 +248,11 @@ def load_policy(spec):
     """`scripted` -> None (an expert is built per episode); a path -> (checkpoint dict, policy)."""
     if spec == "scripted":
         return None
-    if not os.path.isfile(spec):
-        raise UserError(f"--policy '{spec}' is neither 'scripted' nor an existing checkpoint file")
     import importlib
 
     import torch
 
-    try:
-        ckpt = torch.load(spec, map_location="cpu", weights_only=True)
-    except Exception:
-        raise UserError(f"'{spec}' is not a checkpoint torch.load can read with weights_only=True")
-    kind = ckpt.get("kind") if isinstance(ckpt, dict) else None
-    if kind not in POLICY_SCRIPTS:
-        raise UserError(f"'{spec}' is a checkpoint of kind '{kind}', but --policy rolls out {' or '.join(POLICY_SCRIPTS)} experts")
+    ckpt, kind = load_checkpoint(spec, POLICY_SCRIPTS, "--policy takes 'scripted' or a checkpoint of kind " + " or ".join(POLICY_SCRIPTS))
     module, cls = POLICY_SCRIPTS[kind]
     try:  # the policy class lives in the script that trained it (as CleanRL's evals import theirs)
         policy_cls = getattr(importlib.import_module(module), cls)
@@ -646,6 +263,25 @@ def load_policy(spec):
         return ckpt, policy_cls.from_checkpoint(ckpt, device="cpu")
     except Exception as e:
         raise UserError(f"'{spec}' cannot be rebuilt as a {kind} policy ({type(e).__name__}: {e}): pass one written by {module}.py")
+
+
+# --- begin copied block: checkpoint of a known kind ---
+def load_checkpoint(path, kinds, use):
+    """(checkpoint dict, kind) of a file torch.load reads with weights_only=True whose `kind` is one of
+    `kinds`, or a UserError saying so; `use` says what the script takes, for the message."""
+    import torch
+
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint '{path}' does not exist ({use})")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        raise UserError(f"'{path}' is not a checkpoint torch.load can read with weights_only=True")
+    kind = ckpt.get("kind") if isinstance(ckpt, dict) else None
+    if kind not in kinds:
+        raise UserError(f"'{path}' is a checkpoint of kind '{kind}' ({use})")
+    return ckpt, kind
+# --- end copied block: checkpoint of a known kind ---
 
 
 def chunk_actor(ckpt, policy):
@@ -669,7 +305,7 @@ def record_step(buf, env, obs):
     buf["gripper_states"].append(grip)
     buf["joint_states"].append(obs["robot0_joint_pos"])
     buf["ee_pos"].append(eef_pos)
-    buf["ee_ori"].append(quat2axisangle(eef_quat))
+    buf["ee_ori"].append(T.quat2axisangle(np.array(eef_quat)))  # a copy: it clips w in place
     buf["object_states"].append(obs["object-state"])
 
 
@@ -688,8 +324,7 @@ def rollout_episode(seed):
     """One episode from the fresh placement of `seed`; returns its arrays and whether it succeeded."""
     env, task = _WORKER["env"], _WORKER["task"]
     t0 = time.time()
-    env.seed(seed)
-    obs = env.reset()
+    obs = fresh_placement(env, seed)
     model_file = env.env.sim.model.get_xml()  # this placement's MuJoCo model, as LIBERO's files keep it
     for _ in range(NUM_SETTLE_STEPS):  # let objects settle; not recorded (LIBERO protocol)
         obs, _, _, _ = env.step(SETTLE_ACTION)
@@ -919,25 +554,36 @@ def make_pool(n, init, initargs):
     return mp.get_context("spawn").Pool(n, initializer=init, initargs=initargs)
 
 
-def render_and_write(args, data, task, episodes, num_workers):
-    """Render kept episodes in parallel (or not at all) and write them in order as demo_<i>."""
-    if args.no_images:
+def write_demos_file(args, out_path, task, source, generator, episodes, attempts, num_workers):
+    """The one write path of collection and --replay: header, then the episodes in order as demo_<i>
+    (with the images a replay already rendered, rendered now from the saved states, or state-only
+    with --no-images), then totals and metrics, atomically; the MP4s of the first --video demos."""
+    metrics = summarize_metrics([demo_metrics(ep["actions"], ep["ee_pos"]) for ep in episodes], attempts)
+    render_now = args.images and not all(k in episodes[0] for k in CAMERAS)
+    videos, t0, n_frames = [], time.time(), 0
+    with contextlib.ExitStack() as stack, atomic_h5(out_path) as f:
+        data = write_header(f, task, source, generator, args.image_size if args.images else None, args.reflections)
+        if render_now:  # kept steps only, in parallel workers, in order
+            pool = stack.enter_context(make_pool(num_workers, _render_init, (task["name"], args.image_size, args.reflections)))
+            rendered = pool.imap(replay_episode, [(ep["states"], ep["actions"]) for ep in episodes])
         for i, ep in enumerate(episodes):
-            write_demo(data, i, ep)
-        return []
-    t0, n_frames, videos, kept = time.time(), 0, [], 0
-    with make_pool(num_workers, _render_init, (task["name"], args.image_size, not args.no_reflections)) as pool:
-        for ep, out in zip(episodes, pool.imap(replay_episode, [(ep["states"], ep["actions"]) for ep in episodes])):
-            images = {k: out[k] for k in CAMERAS}
-            write_demo(data, kept, ep, images)
-            if kept < args.video:
-                videos.append((kept, images))
-            kept += 1
-            n_frames += len(ep["states"]) * len(CAMERAS)
-            if not args.quiet:
-                print(f"rendered demo {kept}/{len(episodes)}: {len(ep['states'])} steps, "
-                      f"{(time.time() - t0) / n_frames:.3f} s/frame over {num_workers} workers", flush=True)
-    return videos
+            images = {k: ep.pop(k) for k in CAMERAS if k in ep} or None
+            if render_now:
+                out = next(rendered)
+                images = {k: out[k] for k in CAMERAS}
+                n_frames += len(ep["states"]) * len(CAMERAS)
+                if not args.quiet:
+                    print(f"rendered demo {i + 1}/{len(episodes)}: {len(ep['states'])} steps, "
+                          f"{(time.time() - t0) / n_frames:.3f} s/frame over {num_workers} workers", flush=True)
+            write_demo(data, i, ep, images)
+            if images and i < args.video:
+                videos.append((i, images))
+        data.attrs["num_demos"] = len(episodes)
+        data.attrs["total"] = int(sum(len(ep["actions"]) for ep in episodes))
+        data.attrs["metrics"] = json.dumps(metrics)
+    print(f"wrote {out_path}: {len(episodes)} demos, {sum(len(ep['actions']) for ep in episodes)} steps, "
+          f"episode length {metrics['episode_length']['mean']:.0f} ± {metrics['episode_length']['std']:.0f}")
+    write_videos(out_path, task["name"], videos)
 
 
 def collect(args, num_workers):
@@ -994,22 +640,12 @@ def collect(args, num_workers):
         print(f"warning: only {len(kept)} of {args.num_demos} demos after {attempts} attempts (--max-attempts)")
 
     # RENDER kept steps only, then write atomically
-    generator = {"policy": args.policy, "seed": args.seed, "attempts": attempts, "image_size": None if args.no_images else args.image_size}
+    generator = {"policy": args.policy, "seed": args.seed, "attempts": attempts, "image_size": args.image_size if args.images else None}
     if policy is not None:
         ckpt = policy[0]
         generator.update(checkpoint=os.path.abspath(args.policy), kind=ckpt["kind"], iteration=int(ckpt["iteration"]),
                          env_steps=int(ckpt["env_steps"]), eval_success=float(ckpt["eval_success"]), args=ckpt["args"])
-    per_demo = [demo_metrics(ep["actions"], ep["ee_pos"]) for ep in kept]
-    metrics = summarize_metrics(per_demo, attempts)
-    with atomic_h5(out_path) as f:
-        data = write_header(f, task, source, generator, None if args.no_images else args.image_size, not args.no_reflections)
-        videos = render_and_write(args, data, task, kept, num_workers)
-        data.attrs["num_demos"] = len(kept)
-        data.attrs["total"] = int(sum(len(ep["actions"]) for ep in kept))
-        data.attrs["metrics"] = json.dumps(metrics)
-    print(f"wrote {out_path}: {len(kept)} demos, {sum(len(ep['actions']) for ep in kept)} steps, "
-          f"episode length {metrics['episode_length']['mean']:.0f} ± {metrics['episode_length']['std']:.0f}")
-    write_videos(out_path, task["name"], videos)
+    write_demos_file(args, out_path, task, source, generator, kept, attempts, num_workers)
     return out_path
 
 
@@ -1030,14 +666,14 @@ def replay(args, num_workers):
             episodes.append(ep)
     out_path = args.out_path or os.path.splitext(args.replay)[0] + "_replay.hdf5"
     check_out_path(out_path, args.overwrite)
-    size = None if args.no_images else args.image_size
+    size = args.image_size if args.images else None
     # replay in a renderer-free env when no images are wanted: still restores every state
     init = _render_init if size else _rollout_init
-    initargs = (task["name"], size, not args.no_reflections) if size else (task["name"], "scripted")
+    initargs = (task["name"], size, args.reflections) if size else (task["name"], "scripted")
     t0 = time.time()
     with make_pool(num_workers, init, initargs) as pool:
         outs = pool.map(replay_episode, [(ep["states"], ep["actions"]) for ep in episodes])
-    kept, videos = [], []
+    kept = []
     for ep, out in zip(episodes, outs):
         if out.pop("success"):
             model_file = out.pop("model_file")
@@ -1047,21 +683,9 @@ def replay(args, num_workers):
     print(f"replayed {len(episodes)} demos in {time.time() - t0:.0f} s: {len(kept)} still succeed")
     if not kept:
         raise UserError(f"no demo of '{args.replay}' succeeds on replay, so no file was written")
-    per_demo = [demo_metrics(ep["actions"], ep["ee_pos"]) for ep in kept]
     source = str(attrs.get("source", "human"))
     generator = json.loads(attrs["generator"]) if "generator" in attrs else {"replayed_from": os.path.abspath(args.replay)}
-    with atomic_h5(out_path) as f:
-        data = write_header(f, task, source, generator, size, not args.no_reflections)
-        for i, ep in enumerate(kept):
-            images = {k: ep.pop(k) for k in CAMERAS if k in ep} or None
-            write_demo(data, i, ep, images)
-            if images and i < args.video:
-                videos.append((i, images))
-        data.attrs["num_demos"] = len(kept)
-        data.attrs["total"] = int(sum(len(ep["actions"]) for ep in kept))
-        data.attrs["metrics"] = json.dumps(summarize_metrics(per_demo, len(episodes)))
-    print(f"wrote {out_path}")
-    write_videos(out_path, task["name"], videos)
+    write_demos_file(args, out_path, task, source, generator, kept, len(episodes), num_workers)
 
 
 def replay_episode(states_actions):
@@ -1122,12 +746,7 @@ def _table_episode(task_seed):
 def scripted_table(args, num_workers):
     """Success rate and episode lengths of the scripted expert per task, merged into a JSON file
     ({"tasks": {task: {...}}}) as each task finishes."""
-    names = []
-    for name in args.table_tasks:
-        if name in SUITES:
-            names += [f"{name}_{i}" for i in range(90 if name == "libero_90" else 10)]
-        else:
-            names.append(resolve_task(name)["name"])
+    names = expand_tasks(args.table_tasks)
     path = args.scripted_table
     if os.path.isfile(path):
         try:
@@ -1157,11 +776,11 @@ def scripted_table(args, num_workers):
             row = dict(success=len(wins) / len(eps), successes=len(wins), episodes=len(eps),
                        mean_steps=float(np.mean([e["steps"] for e in wins])) if wins else None,
                        max_steps=max(e["steps"] for e in wins) if wins else None,
-                       step_limit=SUITES[ep["task"].rpartition("_")[0]], command=table["command"])
+                       step_limit=STEP_LIMITS[ep["task"].rpartition("_")[0]], command=table["command"])
             if any("error" in e for e in eps):
                 row["error"] = eps[0].get("error")
             table["tasks"][ep["task"]] = row
-            table["tasks"] = dict(sorted(table["tasks"].items(), key=lambda kv: (list(SUITES).index(kv[0].rpartition("_")[0]), int(kv[0].rpartition("_")[2]))))
+            table["tasks"] = dict(sorted(table["tasks"].items(), key=lambda kv: (list(STEP_LIMITS).index(kv[0].rpartition("_")[0]), int(kv[0].rpartition("_")[2]))))
             tmp = f"{path}.tmp-{os.getpid()}"
             with open(tmp, "w") as f:
                 json.dump(table, f, indent=1)
@@ -1188,7 +807,7 @@ def main(args):
             raise UserError(f"--{flag.replace('_', '-')} must be 0 or more (got {getattr(args, flag)})")
     if args.image_size < 8:
         raise UserError(f"--image-size must be at least 8 pixels (got {args.image_size})")
-    if args.video and args.no_images:
+    if args.video and not args.images:
         raise UserError("--video needs images: drop --no-images")
     if args.replay:
         return replay(args, num_workers)

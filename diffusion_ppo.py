@@ -16,7 +16,7 @@ Rolling a checkpoint out elsewhere (collect_demos.py, eval_libero.py), from the 
 
 Code between `# --- begin copied block: <name> ---` and its end marker is copied, unchanged, in
 gaussian_ppo.py (environments, critic, GAE, evaluation, checkpoint I/O), so the two methods differ
-only in the policy; tests/test_gaussian_ppo.py holds the copies together.
+only in the policy; tests/test_copies.py holds the copies together.
 
 References: Ren et al. 2024, "Diffusion Policy Policy Optimization" (arXiv 2409.00588) and its
 robomimic state configs (cfg/robomimic/{pretrain,finetune}/can/*_diffusion_mlp.yaml); Ho et al.
@@ -62,7 +62,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Optional
+from typing import Annotated, Optional
 
 import gymnasium as gym
 import h5py
@@ -76,6 +76,9 @@ from torch.utils.tensorboard import SummaryWriter
 # LIBERO is imported inside the functions that build environments: it takes seconds and prints
 # robosuite banners, which `--help`, user errors and `from diffusion_ppo import DiffusionPolicy`
 # need not pay for.
+
+
+DEFAULT_IN_DOC = tyro.conf.arg(help_behavior_hint="")  # the field's docstring says what None means
 
 
 @dataclass
@@ -94,17 +97,17 @@ class Args:
     """runs are written to <out_dir>/<run_name>/"""
     task: str = "libero_spatial_0"
     """LIBERO task, <suite>_<index> (libero_spatial, libero_object, libero_goal, libero_10: 0-9; libero_90: 0-89)"""
-    demos_path: Optional[str] = None
+    demos_path: Annotated[Optional[str], DEFAULT_IN_DOC] = None
     """LIBERO-layout demos for the warm start (default data/<task>_scripted.hdf5, collected with collect_demos.py when missing)"""
     num_demos: int = 20
-    """demos for behaviour cloning: the first N of the file, or how many a missing default file gets. Few, so BC is weak: on libero_spatial_0, 20 scripted demos give a BC policy of 0.64, like DPPO's robomimic can start (57.8%), and 10 give 0.24 (README)"""
+    """demos for behaviour cloning: the first N of the file, or how many a missing default file gets. Few, so BC is weak: on libero_spatial_0, 20 scripted demos give a BC policy of 0.64, like DPPO's robomimic can start (57.8%), and 10 give 0.24 (docs/EXPERIMENTS.md)"""
     resume: Optional[str] = None
     """a last.pt to continue from (policy, critic, optimisers, iteration, env steps, RNG); BC is skipped"""
 
     # environment and evaluation
     num_envs: int = 4
     """parallel rollout workers (AsyncVectorEnv); DPPO's can config uses 50 on a GPU node"""
-    max_episode_steps: Optional[int] = None
+    max_episode_steps: Annotated[Optional[int], DEFAULT_IN_DOC] = None
     """control steps before truncation (default: the suite's limit, 220 for libero_spatial)"""
     eval_episodes: int = 50
     """episodes of each evaluation, on the first N of the task's 50 standard init states"""
@@ -240,7 +243,7 @@ def make_control_env(bddl, horizon):
 
 
 def skip_repeated_forward(env):
-    """Make each control step ~25% faster with bit-identical states (README, "Benchmarks").
+    """Make each control step ~25% faster with bit-identical states (docs/EXPERIMENTS.md).
 
     robosuite's step runs mj_forward before each of its 25 physics substeps, and the OSC
     controller's update runs it again on the same state. This drops the controller's call
@@ -298,8 +301,7 @@ class LiberoStateEnv(gym.Env):
             self.env.reset()
             raw = self.env.set_init_state(self.eval_queue.pop(0))
         else:
-            self.env.seed(int(self.np_random.integers(2**31 - 1)))
-            raw = self.env.reset()
+            raw = fresh_placement(self.env, int(self.np_random.integers(2**31 - 1)))
         skip_repeated_forward(self.env)
         for _ in range(NUM_SETTLE_STEPS):
             raw, _, _, _ = self.env.step(SETTLE_ACTION)
@@ -331,6 +333,25 @@ def make_vector_env(bddl, obs_dim, args, max_episode_steps):
         [thunk for _ in range(args.num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
     )
 # --- end copied block: tasks and environments ---
+
+
+# --- begin copied block: arm start ---
+ARM_START_NOISE = 0.02
+"""std (rad) of the arm's joints around their home pose at a fresh placement: robosuite's default reset noise,
+with which LIBERO's shipped init states were made (LIBERO's ControlEnv turns it off)"""
+
+
+def fresh_placement(env, seed):
+    """Reset to the placement of `seed` and start the arm as LIBERO's init states do: its joints drawn
+    around the home pose, then set as evaluation sets an init state (after a reset, so the arm
+    controller keeps the home pose as its nullspace target, as in evaluation). Returns the observation."""
+    env.seed(seed)
+    env.reset()
+    state = env.get_sim_state().copy()
+    arm = 1 + np.asarray(env.env.robots[0]._ref_joint_pos_indexes)  # a flattened state is [time, qpos, qvel]
+    state[arm] += np.random.default_rng(seed).normal(0.0, ARM_START_NOISE, len(arm))
+    return env.set_init_state(state)
+# --- end copied block: arm start ---
 
 
 # networks: DPPO's residual MLPs, the DDPM schedule, and the policy that samples and scores chains
@@ -559,7 +580,7 @@ def denoising_discount(K_ft, gamma_denoising):
     return gamma_denoising ** torch.arange(K_ft - 1, -1, -1, dtype=torch.float32)
 
 
-# --- begin copied block: wilson interval and reward scaling ---
+# --- begin copied block: wilson interval ---
 def wilson_interval(successes, n, z=1.96):
     """95% Wilson score interval of a success rate, clamped to [0, 1] (rounding can put an end a hair outside)."""
     if n == 0:
@@ -567,8 +588,10 @@ def wilson_interval(successes, n, z=1.96):
     p = successes / n
     centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     return max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))
+# --- end copied block: wilson interval ---
 
 
+# --- begin copied block: reward scaling ---
 class RewardScaler:
     """Divides rewards by the running std of the discounted return (DPPO's RunningRewardScaler)."""
 
@@ -593,7 +616,7 @@ class RewardScaler:
 
     def load_state_dict(self, d):
         self.mean, self.var, self.count = d["mean"], d["var"], d["count"]
-# --- end copied block: wilson interval and reward scaling ---
+# --- end copied block: reward scaling ---
 
 
 # --- begin copied block: rollout and ppo update ---

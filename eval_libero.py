@@ -35,13 +35,17 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import numpy as np
 import tyro
 
 # robosuite warns about a missing private macro file at every import, in every worker
 logging.getLogger("robosuite_logs").addFilter(lambda record: "macro" not in record.getMessage())
+import robosuite.utils.transform_utils as T  # noqa: E402 (after the filter above)
+
+
+DEFAULT_IN_DOC = tyro.conf.arg(help_behavior_hint="")  # the field's docstring says what None means
 
 
 @dataclass
@@ -52,13 +56,13 @@ class Args:
     """suites (libero_spatial, libero_object, libero_goal, libero_10, libero_90) and/or tasks (libero_spatial_0); default: the checkpoint's own tasks"""
     num_episodes: int = 50
     """episodes per task, on its first N init states (the standard protocol uses all 50)"""
-    num_workers: Optional[int] = None
+    num_workers: Annotated[Optional[int], DEFAULT_IN_DOC] = None
     """parallel worker processes, each with its own env (default: one per core)"""
-    results_path: Optional[str] = None
+    results_path: Annotated[Optional[str], DEFAULT_IN_DOC] = None
     """the JSON results file (default: eval_<checkpoint name>.json beside the checkpoint); an existing one for the same checkpoint is resumed"""
     video: int = 0
     """write upright MP4s (agentview | eye-in-hand) of the first N episodes of each task"""
-    video_dir: Optional[str] = None
+    video_dir: Annotated[Optional[str], DEFAULT_IN_DOC] = None
     """where the MP4s go (default: videos/ beside the results file)"""
     max_steps: Optional[int] = None
     """override the suite step limit (for quick checks; the protocol uses the suite's limit)"""
@@ -76,6 +80,7 @@ SETTLE_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float64)
 POLICY_SCRIPTS = {"vla": ("train_vla", "VLAPolicy"), "diffusion_ppo": ("diffusion_ppo", "DiffusionPolicy"),
                   "gaussian_ppo": ("gaussian_ppo", "GaussianPolicy")}
 """checkpoint kind -> (script, policy class with `from_checkpoint(dict)`)"""
+CHECKPOINT_USE = "pass --checkpoint-path runs/<run>/vla.pt or expert.pt, of kind " + ", ".join(POLICY_SCRIPTS)
 VIDEO_CAMERAS = ("agentview", "robot0_eye_in_hand")
 
 
@@ -83,6 +88,7 @@ class UserError(Exception):
     """A mistake the user can fix; main prints it as one sentence."""
 
 
+# --- begin copied block: wilson interval ---
 def wilson_interval(successes, n, z=1.96):
     """95% Wilson score interval of a success rate, clamped to [0, 1] (rounding can put an end a hair outside)."""
     if n == 0:
@@ -90,6 +96,7 @@ def wilson_interval(successes, n, z=1.96):
     p = successes / n
     centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     return max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))
+# --- end copied block: wilson interval ---
 
 
 # --- begin copied block: task names ---
@@ -169,20 +176,23 @@ def resolve_task(name):
                 init_states=init_states)
 
 
-def load_checkpoint(path):
-    """-> (checkpoint dict, kind); a UserError for a missing, unreadable or foreign file."""
+# --- begin copied block: checkpoint of a known kind ---
+def load_checkpoint(path, kinds, use):
+    """(checkpoint dict, kind) of a file torch.load reads with weights_only=True whose `kind` is one of
+    `kinds`, or a UserError saying so; `use` says what the script takes, for the message."""
     import torch
 
     if not os.path.isfile(path):
-        raise UserError(f"checkpoint '{path}' does not exist: pass --checkpoint-path runs/<run>/vla.pt or expert.pt")
+        raise UserError(f"checkpoint '{path}' does not exist ({use})")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
         raise UserError(f"'{path}' is not a checkpoint torch.load can read with weights_only=True")
     kind = ckpt.get("kind") if isinstance(ckpt, dict) else None
-    if kind not in POLICY_SCRIPTS:
-        raise UserError(f"'{path}' is a checkpoint of kind '{kind}': this script evaluates {', '.join(POLICY_SCRIPTS)}")
+    if kind not in kinds:
+        raise UserError(f"'{path}' is a checkpoint of kind '{kind}' ({use})")
     return ckpt, kind
+# --- end copied block: checkpoint of a known kind ---
 
 
 # ---------------------------------------------------------------------------------------
@@ -212,7 +222,7 @@ def _worker_init(checkpoint_path, use_ema, max_steps, render_every_step):
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)  # one core per worker
     try:
-        ckpt, kind = load_checkpoint(checkpoint_path)
+        ckpt, kind = load_checkpoint(checkpoint_path, POLICY_SCRIPTS, CHECKPOINT_USE)
         policy = build_policy(ckpt, kind, use_ema)
     except UserError as e:  # the file changed since the parent's check: fail the episodes, never respawn forever
         _WORKER.update(error=str(e))
@@ -275,7 +285,7 @@ def run_episode(job):
                 renders += 1
                 images = {key: views[cam][None] for key, cam in camera_of.items()}
                 proprio = np.concatenate([obs["robot0_gripper_qpos"], obs["robot0_eef_pos"],
-                                          quat2axisangle(obs["robot0_eef_quat"])])[None]
+                                          T.quat2axisangle(np.array(obs["robot0_eef_quat"]))])[None]  # LIBERO's ee_ori
                 queue = list(policy.act(images, proprio, instruction)[0])
             else:
                 state = np.concatenate([obs[k] for k in ckpt["obs_keys"]]).astype(np.float32)
@@ -292,14 +302,6 @@ def run_episode(job):
             break
     return dict(task=task_name, episode=episode, success=success, steps=t + 1, renders=renders,
                 seconds=time.time() - t0, frames=frames if record else None)
-
-
-def quat2axisangle(q):
-    """robosuite (x, y, z, w) quaternion -> axis-angle 3-vector (LIBERO's ee_ori / ee_states convention)."""
-    q = np.asarray(q, dtype=np.float64)
-    w = np.clip(q[3], -1.0, 1.0)
-    den = np.sqrt(1.0 - w * w)
-    return np.zeros(3) if den < 1e-8 else q[:3] * 2.0 * np.arccos(w) / den
 
 
 # ---------------------------------------------------------------------------------------
@@ -351,7 +353,7 @@ def main(args):
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)})")
     if args.video < 0:
         raise UserError(f"--video must be 0 or more (got {args.video})")
-    ckpt, kind = load_checkpoint(args.checkpoint_path)
+    ckpt, kind = load_checkpoint(args.checkpoint_path, POLICY_SCRIPTS, CHECKPOINT_USE)
     own = ckpt.get("tasks") or [ckpt.get("task")]
     tasks = expand_eval_tasks(args.tasks or [t for t in own if t])
     if not tasks:

@@ -48,7 +48,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import h5py
 import tyro
@@ -58,6 +58,9 @@ SOURCES = ("scripted", "diffusion_ppo", "gaussian_ppo")
 TASK_STAGES = {"scripted": ("demos", "report"), "diffusion_ppo": ("warmstart", "expert", "demos", "report"),
                "gaussian_ppo": ("warmstart", "expert", "demos", "report")}
 LOG_TAIL_LINES = 12  # lines of a failed stage's log printed with its failure
+
+
+DEFAULT_IN_DOC = tyro.conf.arg(help_behavior_hint="")  # the field's docstring says what None means
 
 
 @dataclass
@@ -80,7 +83,7 @@ class Args:
     """seed of the experts' training and of the demo placements (collect_demos.py --seed)"""
     vla: bool = False
     """after the tasks: train one VLA on all their demos (train_vla.py) and evaluate it on them (eval_libero.py)"""
-    ray_address: Optional[str] = None
+    ray_address: Annotated[Optional[str], DEFAULT_IN_DOC] = None
     """join a running Ray cluster (auto, or <host>:<port> of its head); default: start a local instance"""
     cpus_per_stage: int = 4
     """env workers of each per-task stage (--num-envs / --num-workers) and the CPUs it asks Ray for (capped at the largest node's)"""

@@ -48,7 +48,7 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import h5py
 import numpy as np
@@ -57,6 +57,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 from torch.utils.tensorboard import SummaryWriter
+
+
+DEFAULT_IN_DOC = tyro.conf.arg(help_behavior_hint="")  # the field's docstring says what None means
 
 
 @dataclass
@@ -71,7 +74,7 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """use CUDA when it is present (with bf16 autocast)"""
-    torch_threads: Optional[int] = None
+    torch_threads: Annotated[Optional[int], DEFAULT_IN_DOC] = None
     """CPU threads for torch (default: all cores)"""
     out_dir: str = "runs"
     """runs are written to <out_dir>/<run_name>/"""

@@ -7,34 +7,33 @@ import subprocess
 import sys
 import time
 
+import collect_demos
 import h5py
 import numpy as np
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import collect_demos  # noqa: E402
+import scripted_expert
+from conftest import ROOT, assert_ok, run
 
 TASK = "libero_spatial_0"
 
 
-def run(*argv, timeout=900, check=True):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "collect_demos.py"), *argv], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+def collect(*argv, timeout=900, check=True):
+    proc = run("collect_demos.py", argv, ROOT, timeout)
     if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert_ok(proc)
     return proc
 
 
 @pytest.fixture(scope="module")
 def demos(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("demos") / "s0.hdf5")
-    proc = run("--task", TASK, "--policy", "scripted", "--num-demos", "2", "--image-size", "32",
-               "--num-workers", "2", "--video", "1", "--out-path", path)
+    proc = collect("--task", TASK, "--policy", "scripted", "--num-demos", "2", "--image-size", "32",
+                   "--num-workers", "2", "--video", "1", "--out-path", path)
     assert "generator success 2/" in proc.stdout
     return path
 
 
+@pytest.mark.slow
 def test_schema(demos):
     with h5py.File(demos, "r") as f:
         data = f["data"]
@@ -80,6 +79,7 @@ def test_schema(demos):
     assert os.path.isfile(demos.replace(".hdf5", f"_{TASK}_demo0.mp4"))
 
 
+@pytest.mark.slow
 def test_states_replay_to_recorded_observations(demos):
     task = collect_demos.resolve_task(TASK)
     env = collect_demos.make_env(task["bddl"])
@@ -88,15 +88,17 @@ def test_states_replay_to_recorded_observations(demos):
         states, ee_pos, obj = g["states"][()], g["obs/ee_pos"][()], g["obs/object_states"][()]
     # robosuite's observables lag the final physics substep of env.step by one substep (2 ms), so
     # the recorded observation (what the policy saw) differs from the state's by what moves in 2 ms:
-    # < 2 mm for the arm (OSC moves it < 1 m/s), a few mm for an object that is falling or pushed
+    # < 2 mm for the arm (OSC moves it < 1 m/s), up to ~1 cm (or ~0.01 of a quaternion) for an object that is
+    # falling, pushed or tumbling
     for t in range(0, len(states), 7):
         obs = env.regenerate_obs_from_state(states[t])
         np.testing.assert_allclose(obs["robot0_eef_pos"], ee_pos[t], atol=2e-3)
-        np.testing.assert_allclose(obs["object-state"], obj[t], atol=5e-3)
+        np.testing.assert_allclose(obs["object-state"], obj[t], atol=1e-2)
     env.regenerate_obs_from_state(states[-1])
     env.close()
 
 
+@pytest.mark.slow
 def test_libero_tools_rebuild_the_env_from_the_file_and_replay_it(demos):
     """As LIBERO's scripts/create_dataset.py does: the env from env_args alone (TASK_MAPPING, the
     file's kwargs with bddl_file_name made absolute and the renderer off), reset from each demo's
@@ -124,6 +126,7 @@ def test_libero_tools_rebuild_the_env_from_the_file_and_replay_it(demos):
         env.close()
 
 
+@pytest.mark.slow
 def test_never_collects_from_eval_init_states(demos):
     eval_states = collect_demos.resolve_task(TASK)["init_states"]
     with h5py.File(demos, "r") as f:
@@ -132,11 +135,15 @@ def test_never_collects_from_eval_init_states(demos):
             for s in (g.attrs["init_state"], g["states"][0]):
                 dist = np.abs(eval_states - s[None]).max(1)
                 assert dist.min() > 1e-3, f"{name} starts from an eval init state"
-    # and two different seeds give two different placements
+    # and two different seeds give two different placements, the arm's start included: LIBERO's init states
+    # were made with robosuite's joint noise at reset (their arm joints spread by ~0.01-0.02 rad), and so are ours
     with h5py.File(demos, "r") as f:
         assert not np.allclose(f["data/demo_0"].attrs["init_state"], f["data/demo_1"].attrs["init_state"])
+        arm = [f[f"data/demo_{i}/obs/joint_states"][0] for i in (0, 1)]
+        assert 0.002 < np.abs(arm[0] - arm[1]).max() < 0.2
 
 
+@pytest.mark.slow
 def test_metrics_present_and_finite(demos):
     with h5py.File(demos, "r") as f:
         m = json.loads(f["data"].attrs["metrics"])
@@ -158,12 +165,13 @@ def test_metric_definitions():
     assert m["episode_length"] == 5
 
 
+@pytest.mark.slow
 def test_report_and_replay(demos, tmp_path):
     png = str(tmp_path / "cmp.png")
-    proc = run("--report", demos, demos, "--report-png", png)
+    proc = collect("--report", demos, demos, "--report-png", png)
     assert "scripted" in proc.stdout and "action_jerk" in proc.stdout and os.path.getsize(png) > 0
     out = str(tmp_path / "replayed.hdf5")
-    proc = run("--replay", demos, "--no-images", "--num-workers", "1", "--out-path", out)
+    proc = collect("--replay", demos, "--no-images", "--num-workers", "1", "--out-path", out)
     assert "2 still succeed" in proc.stdout
     with h5py.File(out, "r") as f, h5py.File(demos, "r") as g:
         assert f["data"].attrs["num_demos"] == 2 and f["data"].attrs["source"] == "scripted"
@@ -173,29 +181,32 @@ def test_report_and_replay(demos, tmp_path):
         assert "agentview_rgb" not in f["data/demo_1/obs"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv, words", [
     (["--task", "libero_spatial_99"], "unknown task"),
     (["--task", "libero_nowhere_0"], "unknown task"),
     (["--task", TASK, "--num-demos", "0"], "--num-demos"),
     (["--report", "/nonexistent/x.hdf5"], "does not exist"),
-    (["--task", TASK, "--policy", "/nonexistent/expert.pt"], "neither"),
+    (["--task", TASK, "--policy", "/nonexistent/expert.pt"], "does not exist"),
     (["--task", TASK, "--out-path", "/proc/forbidden/x.hdf5"], "output directory"),
 ])
 def test_bad_input_is_one_sentence(argv, words):
-    proc = run(*argv, check=False, timeout=300)
+    proc = collect(*argv, check=False, timeout=300)
     assert proc.returncode != 0
     err = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(err) == 1 and words in err[0] and "Traceback" not in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow
 def test_file_not_in_libero_layout_names_missing_key(tmp_path):
     bad = str(tmp_path / "bad.hdf5")
     with h5py.File(bad, "w") as f:
         f.create_group("data/demo_0").create_dataset("actions", data=np.zeros((3, 7)))
-    proc = run("--report", bad, check=False)
+    proc = collect("--report", bad, check=False)
     assert proc.returncode != 0 and "'states'" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_interrupted_run_leaves_no_file(tmp_path):
     out = tmp_path / "interrupted.hdf5"
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "collect_demos.py"), "--task", TASK, "--num-demos", "1",
@@ -215,12 +226,13 @@ def test_interrupted_run_leaves_no_file(tmp_path):
 
 def articulation(env, goal):
     """The qpos of the joint behind an articulated goal like ('open', 'wooden_cabinet_1_top_region')."""
-    joint, _ = collect_demos.articulated_joint(env.env, goal[1])
+    joint, _ = scripted_expert.articulated_joint(env.env, goal[1])
     return float(env.env.sim.data.qpos[env.env.sim.model.get_joint_qpos_addr(joint)])
 
 
 # a drawer opened by its handle and one closed by a push, a microwave door closed by a push, a stove
 # knob turned by a push; fresh placements, through the same rollout code collect_demos.py uses
+@pytest.mark.slow
 @pytest.mark.parametrize("task, seeds", [("libero_90_7", (0, 1)), ("libero_90_0", (0,)), ("libero_90_33", (0, 1)),
                                          ("libero_90_20", (0, 1))])
 def test_scripted_expert_works_drawers_doors_and_knobs(task, seeds):
@@ -242,9 +254,10 @@ def test_scripted_expert_works_drawers_doors_and_knobs(task, seeds):
     collect_demos._WORKER.clear()
 
 
+@pytest.mark.slow
 def test_scripted_table_merges_task_by_task_and_resumes(tmp_path):
     path = tmp_path / "scripted.json"
-    proc = run("--scripted-table", str(path), "--table-tasks", "libero_90_7", "libero_spatial_0", "--num-demos", "2",
+    proc = collect("--scripted-table", str(path), "--table-tasks", "libero_90_7", "libero_spatial_0", "--num-demos", "2",
                "--num-workers", "2", timeout=600)
     table = json.loads(path.read_text())
     assert list(table["tasks"]) == ["libero_spatial_0", "libero_90_7"]  # suite order, whatever the order asked
@@ -254,8 +267,8 @@ def test_scripted_table_merges_task_by_task_and_resumes(tmp_path):
         assert row["successes"] == 0 or 0 < row["mean_steps"] <= row["max_steps"] <= limit
     assert "--scripted-table" in table["command"] and row["command"] == table["command"] and "libero_90_7: " in proc.stdout
     # a second run finds both tasks there and rolls nothing out
-    again = run("--scripted-table", str(path), "--table-tasks", "libero_90_7", "libero_spatial_0", "--num-demos", "2")
+    again = collect("--scripted-table", str(path), "--table-tasks", "libero_90_7", "libero_spatial_0", "--num-demos", "2")
     assert "2 of 2 tasks already in" in again.stdout and "libero_90_7: " not in again.stdout
     path.write_text("[1, 2]")
-    bad = run("--scripted-table", str(path), "--table-tasks", "libero_90_7", check=False)
+    bad = collect("--scripted-table", str(path), "--table-tasks", "libero_90_7", check=False)
     assert bad.returncode == 2 and "not a JSON object" in bad.stderr and "Traceback" not in bad.stderr

@@ -19,8 +19,15 @@ def test_same_named_blocks_are_identical_in_every_script():
         for name, body in BLOCK.findall(text):
             blocks.setdefault(name, {})[os.path.basename(path)] = body
     shared = {name: copies for name, copies in blocks.items() if len(copies) > 1}
-    assert {"task names", "rollout and ppo update", "training loop"} <= set(shared), sorted(shared)
-    assert set(shared["task names"]) == {"eval_libero.py", "run_suite.py"}
+    assert {"task names", "wilson interval", "rollout and ppo update", "training loop"} <= set(shared), sorted(shared)
+    assert set(shared["task names"]) == {"collect_demos.py", "eval_libero.py", "run_suite.py"}
+    assert set(shared["wilson interval"]) == {"diffusion_ppo.py", "gaussian_ppo.py", "eval_libero.py"}
+    # the two PPO scripts share environments, critic, GAE, reward scaling, warm-start data, rollout and
+    # PPO update, evaluation, checkpoint I/O and the training loop
+    ppo = [{name for name, copies in blocks.items() if script in copies} for script in ("diffusion_ppo.py", "gaussian_ppo.py")]
+    assert len(ppo[0]) >= 7 and ppo[0] == ppo[1], ppo
+    assert "class LiberoStateEnv" in blocks["tasks and environments"]["gaussian_ppo.py"] and "def gae" in blocks["gae"]["gaussian_ppo.py"]
+    assert "def ppo_update" in blocks["rollout and ppo update"]["gaussian_ppo.py"] and "rollout(" in blocks["training loop"]["gaussian_ppo.py"]
     for name, copies in shared.items():
         first = next(iter(copies.values()))
         for script, body in copies.items():

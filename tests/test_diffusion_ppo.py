@@ -11,39 +11,25 @@ import os
 import subprocess
 import sys
 
+import diffusion_ppo as dp
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, TINY_PPO, assert_ok, assert_one_sentence_error, run, tiny_ppo_run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "diffusion_ppo.py")
-sys.path.insert(0, ROOT)
+SCRIPT = "diffusion_ppo.py"
 
-import diffusion_ppo as dp  # noqa: E402
-
-# 8-step episodes are 2 chunk steps: 3 episodes per update take 2 x 2 chunk steps of the 2 envs (4 episodes, 32
-# env steps). Nothing succeeds in 8 steps, so --signal-min-return-std 0 lets the actor update all the same.
-TINY = ["--num-envs", "2", "--episodes-per-update", "3", "--bc-epochs", "1", "--eval-episodes", "2",
-        "--max-episode-steps", "8", "--critic-warmup-max", "0", "--update-epochs", "2", "--signal-min-return-std", "0"]
 DESIGN_KEYS = {"kind", "task", "obs_dim", "act_dim", "obs_horizon", "act_horizon", "act_exec", "denoising_steps",
                "ft_denoising_steps", "beta_schedule", "min_sampling_std", "min_logprob_std", "normalizer", "model", "ema", "critic", "args",
                "iteration", "env_steps", "eval_success"}
 
 
-def run(args, cwd, timeout=600):
-    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """One tiny run in a fresh directory without demos: returns (cwd, run_dir, stdout)."""
-    cwd = tmp_path_factory.mktemp("tiny")
-    r = run(["--num-demos", "2", "--total-iterations", "1", "--bc-loss-coeff", "0.1", *TINY], cwd)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    (run_dir,) = (cwd / "runs").iterdir()
-    return cwd, run_dir, r.stdout
+    return tiny_ppo_run(SCRIPT, tmp_path_factory.mktemp("tiny"), "--bc-loss-coeff", "0.1")
 
 
+@pytest.mark.slow
 def test_tiny_run_collects_demos_and_writes_checkpoints(tiny_run):
     cwd, run_dir, stdout = tiny_run
     assert "collecting 2 scripted demos with collect_demos.py" in stdout
@@ -79,26 +65,28 @@ def test_tiny_run_collects_demos_and_writes_checkpoints(tiny_run):
     assert np.all(actions >= policy.act_min.numpy() - 1e-6) and np.all(actions <= policy.act_max.numpy() + 1e-6)
 
 
+@pytest.mark.slow
 def test_resume_continues_the_run(tiny_run):
     cwd, run_dir, _ = tiny_run
-    r = run(["--resume", str(run_dir / "last.pt"), "--total-iterations", "2", *TINY], cwd)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = run(SCRIPT, ["--resume", str(run_dir / "last.pt"), "--total-iterations", "2", *TINY_PPO], cwd)
+    assert_ok(r)
     assert "resumed" in r.stdout and "iter 2/2" in r.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["iteration"] == 2 and summary["env_steps"] == 2 * (2 * 4 * 4)
     assert [h[0] for h in summary["eval_history"]] == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_update_without_success_moves_the_critic_only(tmp_path, tiny_run):
     """With the default signal rule, a batch where no episode succeeded trains the critic and leaves
     the fine-tuned denoiser exactly where BC put it."""
     cwd, _, _ = tiny_run
-    tiny = [a for a in TINY]
+    tiny = [a for a in TINY_PPO]
     i = tiny.index("--signal-min-return-std")
     del tiny[i : i + 2]
-    r = run(["--demos-path", str(cwd / "data" / "libero_spatial_0_scripted.hdf5"), "--num-demos", "2",
-             "--total-iterations", "1", "--out-dir", str(tmp_path), *tiny], tmp_path)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = run(SCRIPT, ["--demos-path", str(cwd / "data" / "libero_spatial_0_scripted.hdf5"), "--num-demos", "2",
+                     "--total-iterations", "1", "--out-dir", str(tmp_path), *tiny], tmp_path)
+    assert_ok(r)
     assert "no learning signal" in r.stdout
     (run_dir,) = tmp_path.iterdir()
     bc, last = (torch.load(run_dir / name, weights_only=True) for name in ("expert.pt", "last.pt"))
@@ -109,15 +97,18 @@ def test_update_without_success_moves_the_critic_only(tmp_path, tiny_run):
     assert any(not torch.equal(v, last["critic"][k]) for k, v in bc["critic"].items())
 
 
+@pytest.mark.slow
 def test_ctrl_c_ends_with_the_resume_command(tiny_run, tmp_path):
     """SIGINT once the run has a last.pt: exit 130, one line naming the --resume command, no traceback."""
     import signal
 
     cwd, _, _ = tiny_run
     demos = str(cwd / "data" / "libero_spatial_0_scripted.hdf5")
-    proc = subprocess.Popen([sys.executable, SCRIPT, "--demos-path", demos, "--num-demos", "2", "--total-iterations",
-                             "1000", "--out-dir", str(tmp_path), *TINY], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, SCRIPT), "--demos-path", demos, "--num-demos", "2",
+                             "--total-iterations", "1000", "--out-dir", str(tmp_path), *TINY_PPO], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a shell's background job ignores SIGINT and its children inherit that: restore it
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stdout:
         if line.startswith("iter 2/"):
             break
@@ -130,13 +121,15 @@ def test_ctrl_c_ends_with_the_resume_command(tiny_run, tmp_path):
             in stderr.splitlines())
 
 
+@pytest.mark.slow
 def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tmp_path):
     (tmp_path / "empty.hdf5").write_bytes(b"")
-    r = run(["--demos-path", str(tmp_path / "empty.hdf5"), "--out-dir", str(tmp_path / "runs")], tmp_path)
+    r = run(SCRIPT, ["--demos-path", str(tmp_path / "empty.hdf5"), "--out-dir", str(tmp_path / "runs")], tmp_path)
     assert_one_sentence_error(r, "empty.hdf5")
     assert not (tmp_path / "runs").exists()  # neither the run folder nor the --out-dir the run made
 
 
+@pytest.mark.slow
 def test_demos_of_another_task_are_refused_by_their_bddl_file(tiny_run, tmp_path):
     """An official LIBERO file has no `task` attribute; its bddl_file_name still names the task."""
     import h5py
@@ -147,11 +140,12 @@ def test_demos_of_another_task_are_refused_by_their_bddl_file(tiny_run, tmp_path
     shutil.copy(cwd / "data" / "libero_spatial_0_scripted.hdf5", path)
     with h5py.File(path, "a") as f:
         del f["data"].attrs["task"]
-    r = run(["--task", "libero_spatial_1", "--demos-path", str(path), "--out-dir", str(tmp_path / "runs")], tmp_path)
+    r = run(SCRIPT, ["--task", "libero_spatial_1", "--demos-path", str(path), "--out-dir", str(tmp_path / "runs")], tmp_path)
     assert_one_sentence_error(r, "libero_spatial_1", "no_task_attr.hdf5")
     assert not (tmp_path / "runs").exists()  # the run folder made before the check is gone, its --out-dir too
 
 
+@pytest.mark.slow
 def test_bc_pairs_are_the_same_from_an_official_layout_file(tiny_run, tmp_path):
     """The warm start rebuilds its observations from `states` (the state before each action in both
     layouts), so a file laid out as LIBERO's official ones (obs after each action, no task, source
@@ -178,6 +172,7 @@ def test_bc_pairs_are_the_same_from_an_official_layout_file(tiny_run, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_rollout_gathers_the_asked_episodes_whatever_the_env_count():
     """rollout() runs until episodes_per_update episodes have ended: 4 episodes of 2 chunk steps take 8 chunk
     steps of 1 env or 4 of 3 envs (6 episodes), and the batch's shapes follow."""
@@ -217,17 +212,9 @@ def test_bc_regulariser_reaches_only_the_fine_tuned_denoiser():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.actor_ft.parameters())
 
 
-def assert_one_sentence_error(r, *words):
-    assert r.returncode != 0
-    assert "Traceback" not in r.stderr
-    message = r.stderr.strip().splitlines()[-1]
-    assert message.startswith("error: ")
-    for word in words:
-        assert word in message
-
-
+@pytest.mark.slow
 def test_unknown_task_is_one_sentence(tmp_path, capsys):
-    r = run(["--task", "libero_spatial_10"], tmp_path)
+    r = run(SCRIPT, ["--task", "libero_spatial_10"], tmp_path)
     assert_one_sentence_error(r, "libero_spatial_10", "libero_spatial", "libero_90", "0-89")
     for task in ("libero_foo_0", "spatial", "libero_90_90"):
         with pytest.raises(SystemExit) as exc:
@@ -236,15 +223,17 @@ def test_unknown_task_is_one_sentence(tmp_path, capsys):
     assert dp.parse_task("libero_10_9") == ("libero_10", 9) and dp.parse_task("libero_90_89") == ("libero_90", 89)
 
 
+@pytest.mark.slow
 def test_missing_demos_file_is_one_sentence(tmp_path):
-    r = run(["--demos-path", str(tmp_path / "nope.hdf5")], tmp_path)
+    r = run(SCRIPT, ["--demos-path", str(tmp_path / "nope.hdf5")], tmp_path)
     assert_one_sentence_error(r, "nope.hdf5", "--demos-path")
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_kind_is_one_sentence(tmp_path):
     path = tmp_path / "gauss.pt"
     torch.save({"kind": "gaussian_ppo", "task": "libero_spatial_0"}, path)
-    r = run(["--resume", str(path)], tmp_path)
+    r = run(SCRIPT, ["--resume", str(path)], tmp_path)
     assert_one_sentence_error(r, "gaussian_ppo", "diffusion_ppo")
 
 
@@ -350,31 +339,46 @@ def test_wilson_interval():
             assert 0.0 <= low <= k / n + 1e-12 and k / n - 1e-12 <= high <= 1.0
 
 
-def run_collect(args, cwd, timeout=600):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "collect_demos.py"), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
-
-
+@pytest.mark.slow
 def test_collect_demos_rolls_out_the_checkpoint(tiny_run, tmp_path):
     """The tiny policy succeeds nowhere: collect_demos.py says so in one sentence and writes nothing."""
     _, run_dir, _ = tiny_run
     out = tmp_path / "rl.hdf5"
-    r = run_collect(["--policy", str(run_dir / "expert.pt"), "--num-demos", "1", "--max-attempts", "1",
+    r = run("collect_demos.py", ["--policy", str(run_dir / "expert.pt"), "--num-demos", "1", "--max-attempts", "1",
                      "--no-images", "--num-workers", "1", "--out-path", str(out)], tmp_path)
     assert "seed 0: failure in 220 steps" in r.stdout, r.stdout + r.stderr  # the task came from the checkpoint
     assert_one_sentence_error(r, "no episode succeeded")
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_collect_demos_rejects_other_checkpoints(tiny_run, tmp_path):
     _, run_dir, _ = tiny_run
     torch.save({"kind": "vla", "task": ["libero_spatial_0"]}, tmp_path / "vla.pt")
-    r = run_collect(["--policy", str(tmp_path / "vla.pt"), "--task", "libero_spatial_0"], tmp_path)
+    r = run("collect_demos.py", ["--policy", str(tmp_path / "vla.pt"), "--task", "libero_spatial_0"], tmp_path)
     assert_one_sentence_error(r, "kind 'vla'")
-    r = run_collect(["--policy", str(run_dir / "expert.pt"), "--task", "libero_object_0"], tmp_path)
+    r = run("collect_demos.py", ["--policy", str(run_dir / "expert.pt"), "--task", "libero_object_0"], tmp_path)
     assert_one_sentence_error(r, "trained on libero_spatial_0")
 
 
+@pytest.mark.slow
+def test_training_placements_start_the_arm_as_the_init_states_do():
+    """Fresh placements start the arm's joints spread around the home pose, as LIBERO's shipped init states
+    were made (LIBERO's ControlEnv resets to the home pose itself): a seed gives the same start again,
+    another seed another, and the controller keeps the home pose as its nullspace target, as in evaluation."""
+    bddl, init_states = dp.task_bddl_and_init_states("libero_spatial_0")
+    env = dp.make_control_env(bddl, 100)
+    starts = [dp.fresh_placement(env, seed)["robot0_joint_pos"].copy() for seed in (0, 1, 0)]
+    home = np.array(env.env.robots[0].init_qpos)
+    np.testing.assert_allclose(env.env.robots[0].controller.initial_joint, home)
+    env.close()
+    np.testing.assert_array_equal(starts[0], starts[2])
+    spread = np.abs(starts[0] - starts[1]).max()
+    shipped = np.abs(init_states[0, 1:8] - init_states[1, 1:8]).max()  # the arm's joints in LIBERO's flattened state
+    assert 0.002 < spread < 0.2 and 0.002 < shipped < 0.2, (spread, shipped)
+
+
+@pytest.mark.slow
 def test_skipping_the_repeated_forward_keeps_states_bit_identical():
     """Two envs from the same init state and actions, one with robosuite's controller forward
     dropped, end in the same MuJoCo state; a reset builds a new controller, and it is patched too."""

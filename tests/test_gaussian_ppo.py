@@ -4,42 +4,25 @@ Gaussian maths."""
 
 import json
 import math
-import os
-import re
-import subprocess
-import sys
 
+import gaussian_ppo as gp
 import numpy as np
 import pytest
 import torch
+from conftest import assert_one_sentence_error, run, tiny_ppo_run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "gaussian_ppo.py")
-sys.path.insert(0, ROOT)
+SCRIPT = "gaussian_ppo.py"
 
-import gaussian_ppo as gp  # noqa: E402
-
-TINY = ["--num-envs", "2", "--episodes-per-update", "3", "--bc-epochs", "1", "--eval-episodes", "2",
-        "--max-episode-steps", "8", "--critic-warmup-max", "0", "--update-epochs", "2", "--signal-min-return-std", "0"]
 DESIGN_KEYS = {"kind", "task", "obs_dim", "act_dim", "obs_horizon", "act_horizon", "act_exec", "normalizer", "model",
                "ema", "critic", "args", "iteration", "env_steps", "eval_success", "init_std", "min_std", "max_std"}
-BLOCK = re.compile(r"# --- begin copied block: (.+?) ---\n(.*?)# --- end copied block: \1 ---\n", re.S)
-
-
-def run(script, args, cwd, timeout=600):
-    return subprocess.run([sys.executable, script, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """One tiny run in a fresh directory without demos: returns (cwd, run_dir, stdout)."""
-    cwd = tmp_path_factory.mktemp("tiny_gaussian")
-    r = run(SCRIPT, ["--num-demos", "2", "--total-iterations", "1", *TINY], cwd)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    (run_dir,) = (cwd / "runs").iterdir()
-    return cwd, run_dir, r.stdout
+    return tiny_ppo_run(SCRIPT, tmp_path_factory.mktemp("tiny_gaussian"))
 
 
+@pytest.mark.slow
 def test_tiny_run_updates_actor_and_critic_and_writes_checkpoints(tiny_run):
     cwd, run_dir, stdout = tiny_run
     assert "collecting 2 scripted demos with collect_demos.py" in stdout
@@ -70,42 +53,26 @@ def test_tiny_run_updates_actor_and_critic_and_writes_checkpoints(tiny_run):
     assert np.all(actions >= policy.act_min.numpy() - 1e-6) and np.all(actions <= policy.act_max.numpy() + 1e-6)
 
 
+@pytest.mark.slow
 def test_checkpoint_rolls_out_through_collect_demos(tiny_run, tmp_path):
     """collect_demos.py loads the Gaussian checkpoint and rolls it out; the tiny policy succeeds
     nowhere, so it says so in one sentence and writes nothing."""
     _, run_dir, _ = tiny_run
     out = tmp_path / "gauss.hdf5"
-    r = run(os.path.join(ROOT, "collect_demos.py"), ["--policy", str(run_dir / "expert.pt"), "--num-demos", "1",
-            "--max-attempts", "1", "--no-images", "--num-workers", "1", "--out-path", str(out)], tmp_path)
+    r = run("collect_demos.py", ["--policy", str(run_dir / "expert.pt"), "--num-demos", "1", "--max-attempts", "1",
+                                 "--no-images", "--num-workers", "1", "--out-path", str(out)], tmp_path)
     assert "seed 0: failure in 220 steps" in r.stdout, r.stdout + r.stderr  # the task came from the checkpoint
-    assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert "no episode succeeded" in r.stderr.strip().splitlines()[-1]
+    assert_one_sentence_error(r, "no episode succeeded")
     assert not out.exists()
 
 
-def test_copied_blocks_match_diffusion_ppo():
-    """Environments, critic, GAE, reward scaling, warm-start data, rollout and PPO update, evaluation,
-    checkpoint I/O and the training loop are copies: a fix in one script must land in the other."""
-    with open(os.path.join(ROOT, "diffusion_ppo.py")) as f:
-        dppo = dict(BLOCK.findall(f.read()))
-    with open(SCRIPT) as f:
-        gauss = dict(BLOCK.findall(f.read()))
-    assert len(dppo) >= 7 and set(dppo) == set(gauss), (sorted(dppo), sorted(gauss))
-    for name in dppo:
-        assert dppo[name] == gauss[name], f"copied block '{name}' differs between diffusion_ppo.py and gaussian_ppo.py"
-    assert "class LiberoStateEnv" in dppo["tasks and environments"] and "def gae" in dppo["gae"]
-    assert "def ppo_update" in dppo["rollout and ppo update"] and "rollout(" in dppo["training loop"]
-
-
+@pytest.mark.slow
 def test_other_kind_and_unknown_task_are_one_sentence(tmp_path):
     path = tmp_path / "dppo.pt"
     torch.save({"kind": "diffusion_ppo", "task": "libero_spatial_0"}, path)
     for args, words in ((["--resume", str(path)], ("diffusion_ppo", "gaussian_ppo")),
                         (["--task", "libero_object_12"], ("libero_object_12", "0-89"))):
-        r = run(SCRIPT, args, tmp_path)
-        assert r.returncode != 0 and "Traceback" not in r.stderr
-        message = r.stderr.strip().splitlines()[-1]
-        assert message.startswith("error: ") and all(w in message for w in words), message
+        assert_one_sentence_error(run(SCRIPT, args, tmp_path), *words)
 
 
 def tiny_policy():

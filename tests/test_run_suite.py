@@ -11,14 +11,11 @@ import time
 
 import h5py
 import pytest
+from conftest import ROOT, assert_ok, assert_one_sentence_error, run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "run_suite.py")
+pytestmark = pytest.mark.slow  # every test starts run_suite.py, most of them a Ray instance and LIBERO stages
+SCRIPT = "run_suite.py"
 SMALL = ["--image-size", "32", "--no-reflections", "--cpus-per-stage", "1"]
-
-
-def run(args, cwd, timeout=900):
-    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 def stage_processes(out_dir):
@@ -47,7 +44,7 @@ def test_scripted_suite_is_interrupted_then_resumed(tmp_path):
     the same path) leaves no stage running; the same command again skips what finished and
     completes both tasks."""
     out = tmp_path / "suite"
-    cmd = [sys.executable, SCRIPT, "--tasks", "libero_spatial_0", "libero_spatial_1", "--source", "scripted",
+    cmd = [sys.executable, os.path.join(ROOT, SCRIPT), "--tasks", "libero_spatial_0", "libero_spatial_1", "--source", "scripted",
            "--num-demos", "1", *SMALL, "--collect-args=--no-images", "--out-dir", str(out)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines = []
@@ -63,8 +60,8 @@ def test_scripted_suite_is_interrupted_then_resumed(tmp_path):
     time.sleep(2)
     assert stage_processes(out) == []  # the cancelled stage took its workers with it
 
-    r = run(cmd[2:], tmp_path)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = run(SCRIPT, cmd[2:], tmp_path)
+    assert_ok(r)
     assert f"{finished[0]} {finished[1].rstrip(':')}: done already" in r.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["source"] == "scripted"
@@ -82,7 +79,7 @@ def test_a_failing_task_does_not_stop_the_others(tmp_path):
     rollouts; libero_spatial_0 finishes, the failure is named with its log, the exit status is 1."""
     out = tmp_path / "suite"
     (out / "libero_spatial_1" / "libero_spatial_1_scripted.hdf5").mkdir(parents=True)
-    r = run(["--tasks", "libero_spatial_0", "libero_spatial_1", "--source", "scripted", "--num-demos", "1", *SMALL,
+    r = run(SCRIPT, ["--tasks", "libero_spatial_0", "libero_spatial_1", "--source", "scripted", "--num-demos", "1", *SMALL,
              "--out-dir", str(out), "--results-path", str(tmp_path / "results" / "r.json")], tmp_path)
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
     results = json.loads((tmp_path / "results" / "r.json").read_text())["tasks"]
@@ -110,7 +107,7 @@ def test_diffusion_ppo_chain_hands_its_expert_on_and_resumes(tmp_path):
               "--critic-warmup-max 0 --update-epochs 1 --signal-min-return-std 0")
     cmd = ["--tasks", "libero_spatial_0", "--source", "diffusion_ppo", "--warmstart-demos", "1", "--num-demos", "1",
            *SMALL, f"--expert-args={expert}", "--collect-args=--max-attempts 1", "--out-dir", str(out)]
-    r = run(cmd, tmp_path)
+    r = run(SCRIPT, cmd, tmp_path)
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
     assert "libero_spatial_0 expert: done in" in r.stdout and "libero_spatial_0 demos: FAILED" in r.stdout
     row = json.loads((out / "summary.json").read_text())["tasks"]["libero_spatial_0"]
@@ -123,7 +120,7 @@ def test_diffusion_ppo_chain_hands_its_expert_on_and_resumes(tmp_path):
     assert "no episode succeeded in 1 attempts" in log
     assert not (out / "libero_spatial_0" / "libero_spatial_0_diffusion_ppo.hdf5").exists()
 
-    r = run(cmd, tmp_path)
+    r = run(SCRIPT, cmd, tmp_path)
     assert r.returncode == 1
     assert "libero_spatial_0 warmstart: done already" in r.stdout and "libero_spatial_0 expert: done already" in r.stdout
     assert "libero_spatial_0 demos: FAILED" in r.stdout
@@ -138,8 +135,5 @@ def test_diffusion_ppo_chain_hands_its_expert_on_and_resumes(tmp_path):
     (["--tasks", "libero_spatial_0", "--expert-args=--time-limit-min '3"], ["--expert-args"]),
 ])
 def test_bad_input_is_one_sentence_before_any_work(tmp_path, args, words):
-    r = run([*args, "--out-dir", str(tmp_path / "suite")], tmp_path, timeout=60)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    message = r.stderr.strip().splitlines()[-1]
-    assert message.startswith("error: ") and all(w in message for w in words), message
+    assert_one_sentence_error(run(SCRIPT, [*args, "--out-dir", str(tmp_path / "suite")], tmp_path, timeout=60), *words, status=2)
     assert not (tmp_path / "suite").exists()

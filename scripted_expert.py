@@ -1,0 +1,437 @@
+"""The scripted LIBERO expert: privileged simulator state and the task's BDDL goal -> OSC_POSE actions.
+
+The policy behind `collect_demos.py --policy scripted` (which imports it, as it imports the RL
+policy classes from the scripts that train them): no human demonstration and nothing written per
+task. It reads the goal (`parsed_problem["goal_state"]`) and works through its predicates:
+  On / In        pick and place: a grasp planned from the object's collision geometry (objects
+                 narrower than the open gripper across their narrow axis, bowls by the rim), the
+                 candidate whose fingers and hand stay clearest of the other bodies; then above,
+                 descend, close, lift, carry (closed loop on the object's own position), lower, open.
+  Open / Close   drawers and doors, and TurnOn / TurnOff for stove knobs: the joint behind the goal,
+                 its axis and LIBERO's articulation ranges are read from the model; a handle (what
+                 sticks out furthest along the part's travel) is pulled with a level hand that
+                 follows the joint, or the moving part is pushed with closed fingers, until LIBERO's
+                 own predicate holds.
+Opening and switching come first, then the placements, then the closing; an `In` into a closed
+drawer opens it first. Success per task from fresh placements: docs/results/scripted_expert.json
+(`python collect_demos.py --scripted-table ...`).
+
+    expert = ScriptedExpert(env)          # a LIBERO ControlEnv after reset and the settle steps
+    action = expert.act(obs)              # (7,) in [-1, 1], once per control step
+
+Frames: world frame, metres; rotations as 3x3 matrices, robosuite's (x, y, z, w) quaternions in
+observations. Action = (dx, dy, dz, axis-angle rotation, gripper), 1 = the OSC's largest step.
+"""
+
+import logging
+
+import numpy as np
+
+# robosuite warns about a missing private macro file at every import, in every worker
+logging.getLogger("robosuite_logs").addFilter(lambda record: "macro" not in record.getMessage())
+import robosuite.utils.transform_utils as T  # noqa: E402 (after the filter above)
+
+
+def quat2mat(q):
+    x, y, z, w = q
+    return np.array([
+        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+    ])
+
+
+def mat2axisangle(R):
+    angle = np.arccos(np.clip((np.trace(R) - 1) / 2, -1.0, 1.0))
+    if angle < 1e-6:
+        return np.zeros(3)
+    if angle > np.pi - 1e-4:  # axis from the diagonal near a half turn
+        axis = np.sqrt(np.maximum((np.diag(R) + 1) / 2, 0))
+        i = int(np.argmax(axis))
+        axis = R[:, i] + np.eye(3)[i]
+        return axis / np.linalg.norm(axis) * angle
+    axis = np.array([R[2, 1] - R[1, 2], R[0, 2] - R[2, 0], R[1, 0] - R[0, 1]]) / (2 * np.sin(angle))
+    return axis * angle
+
+
+def rotz(a):
+    c, s = np.cos(a), np.sin(a)
+    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+
+
+# ---------------------------------------------------------------------------------------
+# THE EXPERT: privileged state + BDDL goal -> OSC_POSE actions
+# ---------------------------------------------------------------------------------------
+class UnsupportedGoal(Exception):
+    pass
+
+
+def articulated_joint(env, name):
+    """(joint name, parent object) behind an articulated goal's argument: a region of a drawer
+    (`wooden_cabinet_1_top_region`) or an object with a joint (`microwave_1`, `flat_stove_1`)."""
+    site = env.object_sites_dict.get(name)
+    if getattr(site, "joints", None):
+        return site.joints[0], site.parent_name
+    return env.get_object(name).joints[0], name
+
+
+
+
+class ScriptedExpert:
+    """State machine over the BDDL goal: pick-and-place for every `On` / `In`, and for `Open`,
+    `Close`, `TurnOn` and `TurnOff` a pull (grasp the handle, move it along its joint) or a push
+    (closed fingers against the moving part). Joints, their axes and the handles come from the MuJoCo
+    model and LIBERO's articulation ranges, not from per-task tables. Opening and switching come
+    first, then the placements, then the closing (a drawer is closed after the bowl is in it)."""
+
+    GRIPPER_SPAN = 0.075  # Panda fingers open to about 8 cm; keep a margin
+    POS_GAIN = 12.0  # action per metre of error (action 1 = 5 cm OSC step)
+    LOW_TILT = 0.36  # a hand working a handle within 8 cm of the table points down by atan(0.36) = 20 degrees
+    ORDER = {"open": 0, "turnon": 0, "turnoff": 0, "on": 1, "in": 1, "close": 2}
+
+    def __init__(self, env):
+        self.env = env.env
+        goals = [tuple(pred) for pred in self.env.parsed_problem["goal_state"]]
+        for pred in goals:
+            if pred[0] not in self.ORDER:
+                raise UnsupportedGoal(f"the scripted expert cannot do the predicate '{pred[0]}' in goal {list(pred)}")
+        self.goals = sorted(goals, key=lambda g: self.ORDER[g[0]])  # stable: BDDL order within a kind
+        m = self.env.sim.model._model
+        self.m, self.d = m, self.env.sim.data._data
+        self.goal_idx, self.phase, self.t_phase = 0, "plan", 0
+        self.art_tries = {}  # goal index -> articulated attempts so far
+
+    # -- geometry of bodies and sites ----------------------------------------------------
+    def _points(self, name):
+        """World-frame points of the collision geometry of object `name` (body and children)."""
+        return self._body_points(self.env.obj_body_id[name])
+
+    def _body_points(self, root, with_geoms=False):
+        """World-frame points of the collision geometry of MuJoCo body `root` and its children (and,
+        with_geoms, the geom each point belongs to)."""
+        m, d = self.m, self.d
+        bodies = {root}
+        for b in range(m.nbody):  # bodies are ordered parent-first
+            if m.body_parentid[b] in bodies:
+                bodies.add(b)
+        pts, owner = [], []
+        for g in range(m.ngeom):
+            if m.geom_bodyid[g] not in bodies or (m.geom_contype[g] == 0 and m.geom_conaffinity[g] == 0):
+                continue
+            R, p = d.geom_xmat[g].reshape(3, 3), d.geom_xpos[g]
+            if m.geom_type[g] == 7:  # mesh: its vertices, already in the geom frame
+                mid = m.geom_dataid[g]
+                v = m.mesh_vert[m.mesh_vertadr[mid]: m.mesh_vertadr[mid] + m.mesh_vertnum[mid]]
+            else:  # primitive: corners of its local bounding box
+                c, h = m.geom_aabb[g, :3], m.geom_aabb[g, 3:]
+                v = c + h * np.array([[i, j, k] for i in (-1, 1) for j in (-1, 1) for k in (-1, 1)])
+            pts.append(p + v @ R.T)
+            owner.append(np.full(len(v), g))
+        if not pts:
+            return (d.xpos[root][None].copy(), np.array([-1])) if with_geoms else d.xpos[root][None].copy()
+        return (np.concatenate(pts), np.concatenate(owner)) if with_geoms else np.concatenate(pts)
+
+    def _site(self, name):
+        site = self.env.object_sites_dict[name]
+        pos = self.env.sim.data.get_site_xpos(name).copy()
+        size = np.asarray(getattr(site, "size", [0.02, 0.02, 0.01]), dtype=np.float64)
+        return pos, size
+
+    def _plan_goal(self, obs):
+        """Grasp pose for the object and place pose over the target, from the current state."""
+        _, obj, target = self.goals[self.goal_idx]
+        pts = self._points(obj)
+        center_xy = (pts[:, :2].min(0) + pts[:, :2].max(0)) / 2
+        lo_z, hi_z = pts[:, 2].min(), pts[:, 2].max()
+        # horizontal principal axes of the object's footprint
+        xy = pts[:, :2] - center_xy
+        _, vecs = np.linalg.eigh(xy.T @ xy)
+        widths = [np.ptp(xy @ vecs[:, k]) for k in range(2)]
+        # candidate grasps: (point, finger closing direction, preference penalty)
+        cands = []
+        for k in range(2):
+            if widths[k] < self.GRIPPER_SPAN:  # fingers close across axis k; slide along the other
+                axis, other = vecs[:, k], vecs[:, 1 - k]
+                reach = max(widths[1 - k] / 2 - 0.01, 0.0)
+                for s in np.linspace(-1, 1, 9) * reach:
+                    z = max(hi_z - 0.035, lo_z + 0.5 * (hi_z - lo_z))
+                    cands.append((np.array([*(center_xy + s * other), z]), axis, 0.2 * abs(s) + 0.002 * k))
+        if not cands:  # too wide to span (a bowl): pinch the rim, preferably on the robot's side
+            for ang in np.linspace(0, 2 * np.pi, 16, endpoint=False):
+                u = np.array([np.cos(ang), np.sin(ang)])
+                rim_xy = center_xy + u * (np.max(xy @ u) - 0.012)  # the rim may be tilted: measure it
+                near = pts[np.linalg.norm(pts[:, :2] - rim_xy, axis=1) < 0.02]
+                rim_top = near[:, 2].max() if len(near) else hi_z
+                pen = 0.005 * (1 + u[0])  # u = (-1, 0) points at the robot base
+                cands.append((np.array([*rim_xy, rim_top - 0.02]), u, pen))
+        # keep the open fingers (and the hand above them) clear of every other body
+        others = np.concatenate([self._points(n) for n in self.env.obj_body_id if n != obj])
+
+        def clearance(point, u):
+            p = others[others[:, 2] > point[2] - 0.015]
+            if not len(p):
+                return 1.0
+            rel = p[:, :2] - point[:2]
+            along = rel @ u
+            hand = p[:, 2] > point[2] + 0.04  # the hand above the fingers is longer and thicker
+            half_along, half_across = np.where(hand, 0.11, 0.06), np.where(hand, 0.035, 0.012)
+            across = np.abs(rel @ np.array([-u[1], u[0]]))
+            out = np.maximum(np.abs(along) - half_along, 0.0)
+            return float(np.sqrt(out**2 + np.maximum(across - half_across, 0.0) ** 2).min())
+
+        grasp, close_dir, _ = max(cands, key=lambda c: min(clearance(c[0], c[1]), 0.03) - c[2])
+        # yaw that lines the finger axis (gripper y) up with close_dir; the fingers are symmetric, so
+        # yaw and yaw +- pi grasp alike: take the smaller turn that keeps the wrist joint (which turns
+        # by about -yaw, limit +-2.9 rad) well inside its range
+        yaw = np.arctan2(close_dir[1], close_dir[0]) - np.pi / 2
+        yaw = (yaw + np.pi / 2) % np.pi - np.pi / 2
+        yaw = min((yaw, yaw + np.pi, yaw - np.pi), key=lambda y: abs(y) + 10 * max(abs(self.wrist0 - y) - 2.0, 0.0))
+        self.R_grasp = rotz(yaw) @ self.R0
+        self.grasp = grasp
+        self.obj_bottom_below_grasp = grasp[2] - lo_z
+        # target: a body (plate, bowl) or a region site (basket_1_contain_region, stove...)
+        if target in self.env.obj_body_id:
+            tp = self._points(target)
+            self.place_xy = self.env.sim.data.body_xpos[self.env.obj_body_id[target]][:2].copy()
+            surface = tp[:, 2].max()
+            target_hi = surface
+        else:
+            pos, size = self._site(target)
+            self.place_xy = pos[:2]
+            parent = target.split("_")[0] + "_" + target.split("_")[1]
+            parent_hi = self._points(parent)[:, 2].max() if parent in self.env.obj_body_id else pos[2]
+            target_hi = max(parent_hi, pos[2] + size[2])
+            # 'in' a container: let go a little above its floor; 'on' a site: just above it
+            surface = pos[2] - size[2] if self.goals and self._pred() == "in" else pos[2]
+        self.release_z = surface + 0.015 + self.obj_bottom_below_grasp
+        self.carry_z = max(target_hi, hi_z) + 0.06 + self.obj_bottom_below_grasp
+
+    # -- articulated objects: drawers, doors, knobs ---------------------------------------
+    ART_RANGES = {"open": ("default_open_ranges", "default_close_ranges"), "close": ("default_close_ranges", "default_open_ranges"),
+                  "turnon": ("default_turnon_ranges", "default_turnoff_ranges"), "turnoff": ("default_turnoff_ranges", "default_turnon_ranges")}
+
+    def _joint_point(self):
+        """World position of the tracked point on the moving part, and its direction of travel
+        (unit, horizontal) when the joint moves towards the goal."""
+        a = self.art
+        R, x = self.d.xmat[a["body"]].reshape(3, 3), self.d.xpos[a["body"]]
+        p = x + R @ a["local"]
+        axis = self.d.xaxis[a["jid"]]
+        v = axis if a["slide"] else np.cross(axis, p - self.d.xanchor[a["jid"]])
+        v = a["sign"] * np.array([v[0], v[1], 0.0])
+        return p, v / max(np.linalg.norm(v), 1e-9)
+
+    def _plan_articulated(self, obs):
+        """Pull a handle (open a drawer or a door) or push the moving part (close it, turn a knob).
+
+        Handles are grasped with the hand level, pointing at the part (from above, the palm would meet
+        the cabinet or the door's top before the fingers reach the handle), and drawers are pushed
+        the same way. Doors and knobs are pushed from above with closed fingers: a door that the
+        first pull left ajar (the arm cannot follow its handle all the way round) is pushed open
+        from the inside."""
+        pred, name = self.goals[self.goal_idx]
+        tries = self.art_tries[self.goal_idx] = self.art_tries.get(self.goal_idx, 0) + 1
+        joint, parent = articulated_joint(self.env, name)
+        ranges = self.env.get_object(parent).object_properties["articulation"]
+        goal_range, other_range = (ranges[k] for k in self.ART_RANGES[pred])
+        sign = 1.0 if np.mean(goal_range) > np.mean(other_range) else -1.0
+        m, d = self.m, self.d
+        jid = m.joint(joint).id
+        body, slide = int(m.jnt_bodyid[jid]), m.jnt_type[jid] == 2
+        pts, owner = self._body_points(body, with_geoms=True)
+        axis, anchor = d.xaxis[jid], d.xanchor[jid]
+        vel = sign * (np.tile(axis, (len(pts), 1)) if slide else np.cross(axis, pts - anchor))
+        speed = np.linalg.norm(vel[:, :2], axis=1)
+        fast = speed >= 0.8 * speed.max()  # on a door or a knob, the part far from the hinge
+        u = vel[np.argmax(speed)][:2] / speed.max()
+        pull = pred == "open" and (slide or tries == 1)
+        if pull:  # the handle: what sticks out furthest along the way the part travels
+            lead = np.where(fast, pts[:, :2] @ u, -np.inf)
+            handle = pts[lead >= lead.max() - 0.012]
+            point = d.geom_xpos[owner[np.argmax(lead)]].copy()  # the centre (axis) of the handle's bar
+            upright = np.ptp(handle[:, 2]) > np.ptp(handle[:, :2] @ np.array([-u[1], u[0]]))
+        else:  # push the face that leads the travel, where the part moves fastest
+            far = pts[fast]
+            back = far[far[:, :2] @ u <= (far[:, :2] @ u).min() + 0.01]
+            point = (back.min(0) + back.max(0)) / 2
+            upright = False
+        R, x = d.xmat[body].reshape(3, 3), d.xpos[body]
+        self.art = dict(jid=jid, qadr=m.jnt_qposadr[jid], body=body, slide=slide, sign=sign, pull=pull,
+                        local=R.T @ (point - x), q0=float(d.qpos[m.jnt_qposadr[jid]]))
+        p, v = self._joint_point()
+        whole = self._points(parent)
+        if slide or pull:  # the hand points into the part: against the pull, along the push
+            w = -v if pull else v
+            if p[2] - whole[:, 2].min() < 0.08:  # near the table: tilt the hand down so the palm clears it
+                w = (w + np.array([0.0, 0.0, -self.LOW_TILT])) / np.sqrt(1 + self.LOW_TILT**2)
+            self.R_art = self._level_R(w, fingers_vertical=pull and not upright)
+            self.art["start"] = p if pull else p - w * 0.03
+        else:
+            w = np.array([0.0, 0.0, -1.0])
+            self.R_art = rotz(np.arctan2(v[1], v[0])) @ self.R0
+            self.art["start"] = p - v * 0.03
+        self.art["approach"] = self.art["start"] - w * 0.08
+        # come in from above the whole object (an open drawer or door sticks out into the way)
+        self.art["high"] = np.array([*self.art["approach"][:2], max(self.art["approach"][2], whole[:, 2].max() + 0.05)])
+
+    def _level_R(self, w, fingers_vertical):
+        """Hand orientation pointing along `w` (level, or tilted down), fingers closing in the vertical
+        plane through `w` or level across it; of the two finger directions, the one nearer the start's."""
+        z = w / np.linalg.norm(w)
+        across = np.cross([0.0, 0.0, 1.0], z)
+        across /= np.linalg.norm(across)
+        y = np.cross(z, across) if fingers_vertical else across
+        cands = [np.column_stack([np.cross(s * y, z), s * y, z]) for s in (1.0, -1.0)]
+        return min(cands, key=lambda Rc: np.linalg.norm(mat2axisangle(Rc @ self.R0.T)))
+
+    def _art_done(self):
+        return bool(self.env._eval_predicate(list(self.goals[self.goal_idx])))
+
+    def _act_articulated(self, obs):
+        a, ph = self.art, self.phase
+        p, v = self._joint_point()
+        turn = 0.0 if a["slide"] else float(self.d.qpos[a["qadr"]] - a["q0"])
+        R = T.quat2mat(T.axisangle2quat(self.d.xaxis[a["jid"]] * turn)) @ self.R_art  # the hand turns with a door
+        grip = 1
+        if a["pull"] and ph in ("art_high", "art_above", "art_descend"):  # open just wider than a handle bar
+            gap = obs["robot0_gripper_qpos"][0] - 0.018  # each finger's travel from closed, metres
+            grip = 0.0 if abs(gap) < 0.002 else float(np.sign(gap))
+        if ph == "art_high":
+            act, err = self._move(obs, a["high"], R, grip)
+            if err < 0.02 or self.t_phase > 60:
+                self.phase, self.t_phase = "art_above", 0
+        elif ph == "art_above":
+            act, err = self._move(obs, a["approach"], R, grip)
+            if err < 0.01 or self.t_phase > 60:
+                self.phase, self.t_phase = "art_descend", 0
+        elif ph == "art_descend":
+            act, err = self._move(obs, a["start"], R, grip, max_speed=0.5)
+            if err < 0.006 or self.t_phase > 40:
+                self.phase, self.t_phase = ("art_grasp" if a["pull"] else "art_move"), 0
+        elif ph == "art_grasp":
+            act, _ = self._move(obs, a["start"], R, 1)
+            if self.t_phase > 10:
+                self.phase, self.t_phase = "art_move", 0
+                R_body = self.d.xmat[a["body"]].reshape(3, 3)
+                self.art["offset"] = R_body.T @ (obs["robot0_eef_pos"] - p)  # where the hand holds the handle, in the part's frame
+        elif ph == "art_move":
+            held = p + self.d.xmat[a["body"]].reshape(3, 3) @ a["offset"] if a["pull"] else p - v * 0.005
+            act, _ = self._move(obs, held + v * 0.04, R, grip)
+            q = float(self.d.qpos[a["qadr"]])
+            stuck = self.t_phase % 10 == 0 and abs(q - a["q_mark"]) < 0.005  # no progress in 10 steps: let go, re-plan
+            if self.t_phase == 1 or self.t_phase % 10 == 0:
+                a["q_mark"] = q
+            if self._art_done() or stuck or self.t_phase > 150:
+                self.phase, self.t_phase = "art_release", 0
+        elif ph == "art_release":
+            act, _ = self._move(obs, obs["robot0_eef_pos"], R, -1)
+            act[:3] = 0
+            if self.t_phase > 6 or not a["pull"]:
+                self.phase, self.t_phase = "art_retreat", 0
+        elif ph == "art_retreat":  # back off the way the hand came in
+            back = a["approach"] - a["start"]
+            act, err = self._move(obs, obs["robot0_eef_pos"] + back / np.linalg.norm(back) * 0.03, R, -1)
+            if self.t_phase > 8:
+                self.phase, self.t_phase = "art_home", 0
+                self.art["home"] = np.array([*obs["robot0_eef_pos"][:2], max(obs["robot0_eef_pos"][2], a["high"][2])])
+        else:  # up and the hand back to pointing down, slowly (a fast turn from level can fold the wrist), then the next sub-goal
+            act, err = self._move(obs, a["home"], self.R0, -1, max_speed=0.5)
+            act[3:6] = np.clip(act[3:6], -0.5, 0.5)
+            if err < 0.02 or self.t_phase > 40:
+                if not self._art_done():
+                    self.phase, self.t_phase = "plan", 0  # slipped: try again
+                elif self.goal_idx + 1 < len(self.goals):
+                    self.goal_idx, self.phase, self.t_phase = self.goal_idx + 1, "plan", 0
+        return np.clip(act, -1, 1)
+
+    def _pred(self):
+        return self.goals[self.goal_idx][0]
+
+    # -- control ------------------------------------------------------------------------
+    def _move(self, obs, target_pos, R_target, gripper, max_speed=1.0):
+        pos_err = target_pos - obs["robot0_eef_pos"]
+        a = np.zeros(7)
+        a[:3] = np.clip(pos_err * self.POS_GAIN, -max_speed, max_speed)
+        R = quat2mat(obs["robot0_eef_quat"])
+        a[3:6] = np.clip(mat2axisangle(R_target @ R.T) * 3.0, -1.0, 1.0)
+        a[6] = gripper
+        # one error in metres and radians: a phase ends only once the yaw has turned as well
+        return a, max(np.linalg.norm(pos_err), 0.1 * np.linalg.norm(mat2axisangle(R_target @ R.T)))
+
+    def _place_eef_xy(self, obs):
+        """Closed loop on the held object: move the gripper so the object's body is over the target."""
+        obj = self.goals[self.goal_idx][1]
+        obj_xy = self.env.sim.data.body_xpos[self.env.obj_body_id[obj]][:2]
+        return obs["robot0_eef_pos"][:2] + (self.place_xy - obj_xy)
+
+    def act(self, obs):
+        if self.phase == "plan":
+            if not hasattr(self, "R0"):
+                self.R0 = quat2mat(obs["robot0_eef_quat"])
+                self.wrist0 = obs["robot0_joint_pos"][6]
+            target = self.goals[self.goal_idx][-1]
+            site = self.env.object_sites_dict.get(target)
+            if self._pred() == "in" and getattr(site, "joints", None) and not self.env._eval_predicate(["open", target]):
+                self.goals.insert(self.goal_idx, ("open", target))  # a closed drawer is opened first
+            if self._pred() in self.ART_RANGES:
+                self._plan_articulated(obs)
+                self.phase, self.t_phase = "art_high", 0
+            else:
+                self._plan_goal(obs)
+                self.phase, self.t_phase = "above", 0
+        if self.phase.startswith("art_"):
+            self.t_phase += 1
+            return self._act_articulated(obs)
+        self.t_phase += 1
+        self.trail = ([] if self.t_phase == 1 else self.trail[-5:]) + [obs["robot0_eef_pos"].copy()]
+        # blocked by contact (a finger on a rim, the object on the target): stop waiting
+        stalled = self.t_phase > 8 and np.linalg.norm(self.trail[-1] - self.trail[0]) < 0.002
+        g, ph = self.grasp, self.phase
+        if ph == "above":
+            a, err = self._move(obs, np.array([g[0], g[1], g[2] + 0.08]), self.R_grasp, -1)
+            if err < 0.01 or self.t_phase > 80:
+                self.phase, self.t_phase = "descend", 0
+        elif ph == "descend":
+            a, err = self._move(obs, g, self.R_grasp, -1, max_speed=0.5)
+            if err < 0.006 or stalled or self.t_phase > 40:
+                self.phase, self.t_phase = "grasp", 0
+        elif ph == "grasp":
+            a, _ = self._move(obs, g, self.R_grasp, 1)
+            if self.t_phase > 12:
+                self.phase, self.t_phase = "lift", 0
+        elif ph == "lift":
+            a, err = self._move(obs, np.array([g[0], g[1], self.carry_z]), self.R_grasp, 1)
+            if np.ptp(obs["robot0_gripper_qpos"]) < 0.004 and self.t_phase > 3:  # closed on nothing: try again
+                self.phase, self.t_phase = "regrasp", 0
+                self.obj_last = np.full(3, np.inf)
+            elif obs["robot0_eef_pos"][2] > self.carry_z - 0.03 or self.t_phase > 60:
+                self.phase, self.t_phase = "carry", 0
+        elif ph == "regrasp":  # open and back off until the dropped object is at rest, then re-plan
+            a, _ = self._move(obs, np.array([g[0], g[1], g[2] + 0.08]), self.R_grasp, -1)
+            obj_pos = self.d.xpos[self.env.obj_body_id[self.goals[self.goal_idx][1]]].copy()
+            at_rest = self.t_phase > 2 and np.linalg.norm(obj_pos - self.obj_last) < 0.001
+            self.obj_last = obj_pos
+            if at_rest or self.t_phase > 10:
+                self.phase, self.t_phase = "plan", 0
+        elif ph == "carry":
+            xy = self._place_eef_xy(obs)
+            a, err = self._move(obs, np.array([xy[0], xy[1], self.carry_z]), self.R_grasp, 1)
+            if err < 0.01 or self.t_phase > 100:
+                self.phase, self.t_phase = "lower", 0
+        elif ph == "lower":
+            xy = self._place_eef_xy(obs)
+            a, err = self._move(obs, np.array([xy[0], xy[1], self.release_z]), self.R_grasp, 1, max_speed=0.5)
+            if err < 0.008 or stalled or self.t_phase > 50:
+                self.phase, self.t_phase = "release", 0
+        elif ph == "release":
+            a, _ = self._move(obs, obs["robot0_eef_pos"], self.R_grasp, -1)
+            a[:3] = 0
+            if self.t_phase > 8:
+                self.phase, self.t_phase = "retreat", 0
+        else:  # retreat, then the next sub-goal
+            up = obs["robot0_eef_pos"].copy()
+            up[2] = self.carry_z + 0.05
+            a, err = self._move(obs, up, self.R_grasp, -1)
+            if (err < 0.02 or self.t_phase > 30) and self.goal_idx + 1 < len(self.goals):
+                self.goal_idx, self.phase = self.goal_idx + 1, "plan"
+        return np.clip(a, -1, 1)
