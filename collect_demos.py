@@ -561,11 +561,11 @@ def write_demos_file(args, out_path, task, source, generator, episodes, attempts
     metrics = summarize_metrics([demo_metrics(ep["actions"], ep["ee_pos"]) for ep in episodes], attempts)
     render_now = args.images and not all(k in episodes[0] for k in CAMERAS)
     videos, t0, n_frames = [], time.time(), 0
-    with contextlib.ExitStack() as stack, atomic_h5(out_path) as f:
+    renderers = make_pool(num_workers, _render_init, (task["name"], args.image_size, args.reflections)) if render_now else None
+    with renderers or contextlib.nullcontext(), atomic_h5(out_path) as f:
         data = write_header(f, task, source, generator, args.image_size if args.images else None, args.reflections)
         if render_now:  # kept steps only, in parallel workers, in order
-            pool = stack.enter_context(make_pool(num_workers, _render_init, (task["name"], args.image_size, args.reflections)))
-            rendered = pool.imap(replay_episode, [(ep["states"], ep["actions"]) for ep in episodes])
+            rendered = renderers.imap(replay_episode, [(ep["states"], ep["actions"]) for ep in episodes])
         for i, ep in enumerate(episodes):
             images = {k: ep.pop(k) for k in CAMERAS if k in ep} or None
             if render_now:
