@@ -92,6 +92,8 @@ class Args:
     """print the metrics of these HDF5 files side by side and save a comparison PNG (no collection)"""
     report_png: str = "demo_metrics.png"
     """where `--report` writes its plot"""
+    expert_variety: float = 0.0
+    """with the scripted expert: vary each demo's motion (speed, approach and carrying heights, a sideways bend of the carry) by this scale; 1 = gain x0.6-1.4, heights +-2-4 cm, bend std 4 cm; 0 = one motion for a placement (the same seed gives the same demo either way)"""
     quiet: bool = False
     """print only the summary, not one line per episode"""
     scripted_table: Optional[str] = None
@@ -312,12 +314,13 @@ def record_step(buf, env, obs):
 _WORKER = {}
 
 
-def _rollout_init(task_name, policy_spec):
+def _rollout_init(task_name, policy_spec, expert_variety=0.0):
     import warnings
 
     warnings.filterwarnings("ignore")
     task = resolve_task(task_name)
-    _WORKER.update(task=task, env=make_env(task["bddl"]), policy=load_policy(policy_spec))
+    _WORKER.update(task=task, env=make_env(task["bddl"]), policy=load_policy(policy_spec),
+                   expert_variety=expert_variety)
 
 
 def rollout_episode(seed):
@@ -329,7 +332,8 @@ def rollout_episode(seed):
     for _ in range(NUM_SETTLE_STEPS):  # let objects settle; not recorded (LIBERO protocol)
         obs, _, _, _ = env.step(SETTLE_ACTION)
     policy = _WORKER["policy"]
-    act = ScriptedExpert(env).act if policy is None else chunk_actor(*policy)
+    variety = _WORKER.get("expert_variety", 0.0)
+    act = ScriptedExpert(env, variety, np.random.default_rng([seed, 1])).act if policy is None else chunk_actor(*policy)
     buf = {k: [] for k in ("states", "robot_states", "gripper_states", "joint_states", "ee_pos", "ee_ori", "object_states", "actions")}
     success = False
     for _ in range(task["max_steps"]):
@@ -613,7 +617,7 @@ def collect(args, num_workers):
     # ROLLOUT: no renderer, parallel workers; keep the first num_demos successes in seed order
     t0, results, kept, done_prefix = time.time(), {}, [], 0
     env_steps, env_seconds = 0, 0.0
-    with make_pool(num_workers, _rollout_init, (task["name"], args.policy)) as pool:
+    with make_pool(num_workers, _rollout_init, (task["name"], args.policy, args.expert_variety)) as pool:
         for ep in pool.imap_unordered(rollout_episode, seeds):
             results[ep["seed"]] = ep
             env_steps += len(ep["actions"]) + NUM_SETTLE_STEPS
@@ -640,7 +644,8 @@ def collect(args, num_workers):
         print(f"warning: only {len(kept)} of {args.num_demos} demos after {attempts} attempts (--max-attempts)")
 
     # RENDER kept steps only, then write atomically
-    generator = {"policy": args.policy, "seed": args.seed, "attempts": attempts, "image_size": args.image_size if args.images else None}
+    generator = {"policy": args.policy, "seed": args.seed, "expert_variety": args.expert_variety, "attempts": attempts,
+                 "image_size": args.image_size if args.images else None}
     if policy is not None:
         ckpt = policy[0]
         generator.update(checkpoint=os.path.abspath(args.policy), kind=ckpt["kind"], iteration=int(ckpt["iteration"]),
@@ -807,6 +812,8 @@ def main(args):
             raise UserError(f"--{flag.replace('_', '-')} must be 0 or more (got {getattr(args, flag)})")
     if args.image_size < 8:
         raise UserError(f"--image-size must be at least 8 pixels (got {args.image_size})")
+    if args.expert_variety < 0 or (args.expert_variety and args.policy != "scripted"):
+        raise UserError(f"--expert-variety must be 0 or more and is for --policy scripted only (got {args.expert_variety})")
     if args.video and not args.images:
         raise UserError("--video needs images: drop --no-images")
     if args.replay:

@@ -92,7 +92,7 @@ class Args:
     cuda: bool = True
     """use CUDA when it is present"""
     torch_threads: int = 1
-    """CPU threads for torch: the env workers need the other cores, and oversubscribed cores make small matmuls ~30x slower"""
+    """CPU threads for torch while the env workers step (they need the other cores: oversubscribed cores make small matmuls ~30x slower); behaviour cloning and each PPO update, with the workers idle, use every core"""
     out_dir: str = "runs"
     """runs are written to <out_dir>/<run_name>/"""
     task: str = "libero_spatial_0"
@@ -733,6 +733,11 @@ def ppo_update(policy, critic, actor_opt, critic_opt, data, args, clip_coefs, di
 
 
 # --- begin copied block: warm-start data ---
+WARM_START_VARIETY = 1.0
+"""collect_demos.py --expert-variety of collected warm-start demos: varied motions (speed, heights, a bend of the
+carry) clone better than one motion per placement (libero_spatial_1: BC 0.90 against 0.74, docs/EXPERIMENTS.md)"""
+
+
 def find_or_collect_demos(args):
     """--demos-path, else data/<task>_scripted.hdf5, collected by collect_demos.py when missing."""
     if args.demos_path is not None:
@@ -748,7 +753,7 @@ def find_or_collect_demos(args):
         fail(f"no demos at {path} and no collect_demos.py beside this script to make them: pass --demos-path")
     print(f"no demos at {path}: collecting {args.num_demos} scripted demos with collect_demos.py", flush=True)
     cmd = [sys.executable, script, "--task", args.task, "--policy", "scripted", "--num-demos", str(args.num_demos),
-           "--no-images", "--out-path", path, "--num-workers", str(args.num_envs)]
+           "--expert-variety", str(WARM_START_VARIETY), "--no-images", "--out-path", path, "--num-workers", str(args.num_envs)]
     if subprocess.run(cmd).returncode != 0 or not os.path.isfile(path):
         fail(f"collect_demos.py could not make {path} (see its message above): fix that or pass --demos-path")
     return path
@@ -1080,6 +1085,7 @@ if __name__ == "__main__":
         it_start = time.time()
         # ALGO LOGIC: experience until episodes_per_update episodes have ended, then one PPO update on all of it
         batch, next_obs = rollout(policy, envs, next_obs, args.episodes_per_update, args.gamma)
+        torch.set_num_threads(max(args.torch_threads, os.cpu_count() or 1))  # the env workers idle during the update
         data = advantages(policy, critic, scaler, batch, args)
         if not stats["critic_ready"]:  # warm-up ends once the critic predicts fresh returns, or after a bounded wait
             warmup_done = stats["iteration"] > args.critic_warmup_max
@@ -1089,6 +1095,7 @@ if __name__ == "__main__":
         stats["skipped_actor_updates"] += int(stats["critic_ready"] and not signal)
         logs = ppo_update(policy, critic, actor_opt, critic_opt, data, args, clip_coefs, discounts, update_actor,
                           bc_loss_coeff)
+        torch.set_num_threads(args.torch_threads)
         stats["env_steps"] += batch["env_steps"]
         stats["episodes"] += len(batch["ep_success"])
         recent_train_success.extend(batch["ep_success"])

@@ -2,7 +2,7 @@
 
 The orchestration stage of DESIGN.md ("Running on larger machines"). For every task of --tasks it
 runs, each as its own Ray task, the same commands a person would type by hand:
-  1. warmstart  collect_demos.py --policy scripted --no-images        state-only warm-start demos
+  1. warmstart  collect_demos.py --policy scripted --expert-variety 1  varied state-only warm-start demos
   2. expert     diffusion_ppo.py | gaussian_ppo.py                     BC, then PPO (--source)
   3. demos      collect_demos.py --policy <expert.pt> (or scripted)    --num-demos kept demos with images
   4. report     collect_demos.py --report                             smoothness / consistency metrics
@@ -75,6 +75,8 @@ class Args:
     """successful demos with images kept per task (the VLA's data)"""
     warmstart_demos: int = 20
     """scripted state-only demos per task for the experts' behaviour cloning (diffusion_ppo.py's --num-demos default)"""
+    warmstart_variety: float = 1.0
+    """collect_demos.py --expert-variety of the warm-start demos (varied motions clone better: docs/EXPERIMENTS.md); the demos stage of --source scripted keeps the expert's default, one motion per placement"""
     image_size: int = 128
     """side of the rendered agentview and eye-in-hand images"""
     reflections: bool = True
@@ -185,7 +187,8 @@ def stage_command(args, task, stage, task_dir):
     workers = str(args.cpus_per_stage)
     if stage == "warmstart":
         return [python, collect, "--task", task, "--policy", "scripted", "--num-demos", str(args.warmstart_demos),
-                "--no-images", "--num-workers", workers, "--quiet", "--overwrite", "--out-path",
+                "--expert-variety", str(args.warmstart_variety), "--no-images", "--num-workers", workers, "--quiet",
+                "--overwrite", "--out-path",
                 os.path.join(task_dir, "warmstart.hdf5"), *shlex.split(args.warmstart_args)]
     if stage == "expert":
         cmd = [python, os.path.join(HERE, f"{args.source}.py"), "--task", task, "--demos-path",
@@ -364,6 +367,8 @@ if __name__ == "__main__":
         tasks = expand_tasks(args.tasks)
         if args.source not in SOURCES:
             raise UserError(f"--source '{args.source}' is not one of {', '.join(SOURCES)}")
+        if args.warmstart_variety < 0:
+            raise UserError(f"--warmstart-variety must be 0 or more (got {args.warmstart_variety})")
         for flag in ("num_demos", "warmstart_demos", "image_size", "cpus_per_stage"):
             if getattr(args, flag) < 1:
                 raise UserError(f"--{flag.replace('_', '-')} must be at least 1")

@@ -89,8 +89,16 @@ class ScriptedExpert:
     LOW_TILT = 0.36  # a hand working a handle within 8 cm of the table points down by atan(0.36) = 20 degrees
     ORDER = {"open": 0, "turnon": 0, "turnoff": 0, "on": 1, "in": 1, "close": 2}
 
-    def __init__(self, env):
+    def __init__(self, env, variety=0.0, rng=None):
+        """variety > 0 varies the motion per episode, drawn from `rng`: the speed (gain and top speed),
+        the height above the grasp, the carrying height and a sideways bend of the carry; 1 draws
+        gain x0.6-1.4, top speed x0.6-1, +-2-4 cm heights and a bend of std 4 cm."""
         self.env = env.env
+        u = (lambda lo, hi: 1.0 + variety * rng.uniform(lo - 1.0, hi - 1.0)) if variety else (lambda lo, hi: 1.0)
+        self.gain, self.top_speed = self.POS_GAIN * u(0.6, 1.4), u(0.6, 1.0)
+        self.above_dz = 0.08 + (variety * rng.uniform(-0.02, 0.04) if variety else 0.0)
+        self.carry_dz = variety * rng.uniform(0.0, 0.04) if variety else 0.0
+        self.bend = variety * rng.normal(0.0, 0.04) if variety else 0.0
         goals = [tuple(pred) for pred in self.env.parsed_problem["goal_state"]]
         for pred in goals:
             if pred[0] not in self.ORDER:
@@ -204,7 +212,7 @@ class ScriptedExpert:
             # 'in' a container: let go a little above its floor; 'on' a site: just above it
             surface = pos[2] - size[2] if self.goals and self._pred() == "in" else pos[2]
         self.release_z = surface + 0.015 + self.obj_bottom_below_grasp
-        self.carry_z = max(target_hi, hi_z) + 0.06 + self.obj_bottom_below_grasp
+        self.carry_z = max(target_hi, hi_z) + 0.06 + self.carry_dz + self.obj_bottom_below_grasp
 
     # -- articulated objects: drawers, doors, knobs ---------------------------------------
     ART_RANGES = {"open": ("default_open_ranges", "default_close_ranges"), "close": ("default_close_ranges", "default_open_ranges"),
@@ -351,7 +359,7 @@ class ScriptedExpert:
     def _move(self, obs, target_pos, R_target, gripper, max_speed=1.0):
         pos_err = target_pos - obs["robot0_eef_pos"]
         a = np.zeros(7)
-        a[:3] = np.clip(pos_err * self.POS_GAIN, -max_speed, max_speed)
+        a[:3] = np.clip(pos_err * self.gain, -max_speed * self.top_speed, max_speed * self.top_speed)
         R = quat2mat(obs["robot0_eef_quat"])
         a[3:6] = np.clip(mat2axisangle(R_target @ R.T) * 3.0, -1.0, 1.0)
         a[6] = gripper
@@ -388,7 +396,7 @@ class ScriptedExpert:
         stalled = self.t_phase > 8 and np.linalg.norm(self.trail[-1] - self.trail[0]) < 0.002
         g, ph = self.grasp, self.phase
         if ph == "above":
-            a, err = self._move(obs, np.array([g[0], g[1], g[2] + 0.08]), self.R_grasp, -1)
+            a, err = self._move(obs, np.array([g[0], g[1], g[2] + self.above_dz]), self.R_grasp, -1)
             if err < 0.01 or self.t_phase > 80:
                 self.phase, self.t_phase = "descend", 0
         elif ph == "descend":
@@ -407,7 +415,7 @@ class ScriptedExpert:
             elif obs["robot0_eef_pos"][2] > self.carry_z - 0.03 or self.t_phase > 60:
                 self.phase, self.t_phase = "carry", 0
         elif ph == "regrasp":  # open and back off until the dropped object is at rest, then re-plan
-            a, _ = self._move(obs, np.array([g[0], g[1], g[2] + 0.08]), self.R_grasp, -1)
+            a, _ = self._move(obs, np.array([g[0], g[1], g[2] + self.above_dz]), self.R_grasp, -1)
             obj_pos = self.d.xpos[self.env.obj_body_id[self.goals[self.goal_idx][1]]].copy()
             at_rest = self.t_phase > 2 and np.linalg.norm(obj_pos - self.obj_last) < 0.001
             self.obj_last = obj_pos
@@ -415,6 +423,15 @@ class ScriptedExpert:
                 self.phase, self.t_phase = "plan", 0
         elif ph == "carry":
             xy = self._place_eef_xy(obs)
+            if self.bend and self.t_phase == 1:  # a via point beside the straight path, until near it
+                mid = (obs["robot0_eef_pos"][:2] + xy) / 2
+                path = xy - obs["robot0_eef_pos"][:2]
+                self.via = mid + self.bend * np.array([-path[1], path[0]]) / max(np.linalg.norm(path), 1e-6)
+            if self.bend and self.via is not None:
+                if np.linalg.norm(obs["robot0_eef_pos"][:2] - self.via) < 0.02 or self.t_phase > 40:
+                    self.via = None
+                else:
+                    xy = self.via
             a, err = self._move(obs, np.array([xy[0], xy[1], self.carry_z]), self.R_grasp, 1)
             if err < 0.01 or self.t_phase > 100:
                 self.phase, self.t_phase = "lower", 0

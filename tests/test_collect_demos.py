@@ -272,3 +272,20 @@ def test_scripted_table_merges_task_by_task_and_resumes(tmp_path):
     path.write_text("[1, 2]")
     bad = collect("--scripted-table", str(path), "--table-tasks", "libero_90_7", check=False)
     assert bad.returncode == 2 and "not a JSON object" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_expert_variety_varies_the_motion_and_keeps_a_seed_reproducible():
+    """--expert-variety: one placement gives one demo per seed with or without it, and with it the
+    motion itself differs (not only the start): another speed and path for the same placement."""
+    collect_demos._rollout_init(TASK, "scripted", 1.0)
+    varied = [collect_demos.rollout_episode(0) for _ in range(2)]
+    collect_demos._WORKER["expert_variety"] = 0.0
+    plain = collect_demos.rollout_episode(0)
+    collect_demos._WORKER["env"].close()
+    collect_demos._WORKER.clear()
+    assert all(ep["success"] for ep in varied + [plain])
+    np.testing.assert_array_equal(varied[0]["actions"], varied[1]["actions"])
+    np.testing.assert_array_equal(varied[0]["states"][0], plain["states"][0])  # same placement and arm start
+    n = min(len(plain["actions"]), len(varied[0]["actions"]))
+    assert np.abs(varied[0]["ee_pos"][:n] - plain["ee_pos"][:n]).max() > 0.02
