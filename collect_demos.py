@@ -332,7 +332,7 @@ def rollout_episode(seed):
     for _ in range(NUM_SETTLE_STEPS):  # let objects settle; not recorded (LIBERO protocol)
         obs, _, _, _ = env.step(SETTLE_ACTION)
     policy = _WORKER["policy"]
-    variety = _WORKER.get("expert_variety", 0.0)
+    variety = _WORKER["expert_variety"]
     act = ScriptedExpert(env, variety, np.random.default_rng([seed, 1])).act if policy is None else chunk_actor(*policy)
     buf = {k: [] for k in ("states", "robot_states", "gripper_states", "joint_states", "ee_pos", "ee_ori", "object_states", "actions")}
     success = False

@@ -661,7 +661,8 @@ def find_or_collect_demos(args):
         fail(f"no demos at {path} and no collect_demos.py beside this script to make them: pass --demos-path")
     print(f"no demos at {path}: collecting {args.num_demos} scripted demos with collect_demos.py", flush=True)
     cmd = [sys.executable, script, "--task", args.task, "--policy", "scripted", "--num-demos", str(args.num_demos),
-           "--expert-variety", str(WARM_START_VARIETY), "--no-images", "--out-path", path, "--num-workers", str(args.num_envs)]
+           "--expert-variety", str(WARM_START_VARIETY), "--no-images", "--out-path", path,
+           "--num-workers", str(args.num_envs)]
     if subprocess.run(cmd).returncode != 0 or not os.path.isfile(path):
         fail(f"collect_demos.py could not make {path} (see its message above): fix that or pass --demos-path")
     return path

@@ -94,11 +94,12 @@ class ScriptedExpert:
         the height above the grasp, the carrying height and a sideways bend of the carry; 1 draws
         gain x0.6-1.4, top speed x0.6-1, +-2-4 cm heights and a bend of std 4 cm."""
         self.env = env.env
-        u = (lambda lo, hi: 1.0 + variety * rng.uniform(lo - 1.0, hi - 1.0)) if variety else (lambda lo, hi: 1.0)
-        self.gain, self.top_speed = self.POS_GAIN * u(0.6, 1.4), u(0.6, 1.0)
-        self.above_dz = 0.08 + (variety * rng.uniform(-0.02, 0.04) if variety else 0.0)
-        self.carry_dz = variety * rng.uniform(0.0, 0.04) if variety else 0.0
-        self.bend = variety * rng.normal(0.0, 0.04) if variety else 0.0
+        rng = rng if variety else np.random.default_rng(0)  # without variety every draw is scaled to 0
+        self.gain = self.POS_GAIN * (1.0 + variety * rng.uniform(-0.4, 0.4))
+        self.top_speed = 1.0 + variety * rng.uniform(-0.4, 0.0)
+        self.above_dz = 0.08 + variety * rng.uniform(-0.02, 0.04)
+        self.carry_dz = variety * rng.uniform(0.0, 0.04)
+        self.bend = variety * rng.normal(0.0, 0.04)
         goals = [tuple(pred) for pred in self.env.parsed_problem["goal_state"]]
         for pred in goals:
             if pred[0] not in self.ORDER:
