@@ -9,6 +9,7 @@ runs, each as its own Ray task, the same commands a person would type by hand:
 and with --vla, once every task is through: train_vla.py over all the tasks' demos, then
 eval_libero.py on those tasks. --source scripted skips 1 and 2. This script only schedules, skips
 finished stages, isolates failures and summarises; every stage's full output is in its log.
+--compare reads finished suites, one per --source, into the paper's table (VLA success by data source).
 
     python run_suite.py --tasks libero_spatial_0 libero_spatial_1 --source scripted --num-demos 2 --image-size 32
 
@@ -20,6 +21,7 @@ Writes, under --out-dir:
   <task>/logs/<stage>.log          each stage's output; <task>/stages.json: finished stages, minutes, figures
   vla/                             with --vla: vla/runs/<run>/vla.pt, vla/eval.json, logs
   summary.json, summary.md, summary.png    the table printed at the end; expert success per task and curves
+With --compare: --results-path (the table's JSON) and a .png beside it.
 
 Resuming: run the same command again. Finished stages are skipped (stages.json, and their outputs
 still on disk); an interrupted expert continues from its last.pt; the rest restart.
@@ -40,6 +42,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")  # the stages inherit it
 import ctypes
 import glob
 import json
+import math
 import shlex
 import shutil
 import signal
@@ -102,7 +105,9 @@ class Args:
     eval_args: str = ""
     """extra flags for eval_libero.py, one string given with = (--eval-args="--num-episodes 20")"""
     results_path: Optional[str] = None
-    """merge each expert's figures, then its demos' kept/tried count and metrics, into this JSON as each stage finishes ({"tasks": {"<task>": {...}}}, e.g. docs/results/dppo_libero_spatial.json)"""
+    """merge each expert's figures, then its demos' kept/tried count and metrics, into this JSON as each stage finishes ({"tasks": {"<task>": {...}}}, e.g. docs/results/dppo_libero_spatial.json); with --compare, the table's JSON"""
+    compare: List[str] = field(default_factory=list)
+    """instead of running stages: the --out-dir of finished suites, one per --source, each run with --vla on the same tasks; writes the VLA-success-by-source table (with each source's expert success and data smoothness) to --results-path and a figure beside it"""
 
 
 class UserError(Exception):
@@ -127,6 +132,17 @@ def expand_tasks(names):
         out.append(name)
     return list(dict.fromkeys(out))
 # --- end copied block: task names ---
+
+
+# --- begin copied block: wilson interval ---
+def wilson_interval(successes, n, z=1.96):
+    """95% Wilson score interval of a success rate, clamped to [0, 1] (rounding can put an end a hair outside)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))
+# --- end copied block: wilson interval ---
 
 
 def run_stage(cmd, log_path):
@@ -359,8 +375,129 @@ def write_summary(args, state, vla):
     return table, plot_summary(state, os.path.join(args.out_dir, "summary.png"))
 
 
+# ---------------------------------------------------------------------------------------
+# COMPARE: the VLA's success by data source, from finished suites (the paper's table)
+# ---------------------------------------------------------------------------------------
+SMOOTHNESS = ("action_jerk", "ee_jerk", "path_length", "episode_length")
+
+
+PROTOCOL = ("num_demos", "image_size", "reflections", "seed", "vla_args", "eval_args")  # one for every source
+
+
+def compare_suites(dirs):
+    """One row per source: the VLA's success pooled over its evaluation episodes (Wilson interval) and per
+    task, the experts' success, and the data's smoothness (per-task mean and spread across demos, averaged
+    over tasks). The suites must share their tasks, demos per task, images, VLA recipe and evaluation (the
+    experts' budgets, in --expert-args, are the caller's to match: each row keeps its suite's command)."""
+    table, first = dict(tasks=None, demos_per_task=None, sources={}), None
+    for d in dirs:
+        summary = read_json(os.path.join(d, "summary.json"))
+        if summary is None:
+            raise UserError(f"'{d}' has no summary.json: pass the --out-dir of a run_suite.py run")
+        source, vla = summary["source"], summary.get("vla") or {}
+        evaluation = read_json(os.path.join(d, "vla", "eval.json"))
+        if source in table["sources"]:
+            raise UserError(f"'{d}' and another suite are both --source {source}: compare one suite per source")
+        if vla.get("status") != "done" or evaluation is None:
+            raise UserError(f"'{d}' has no evaluated VLA: run its command again with --vla")
+        tasks, rows = vla["tasks"], summary["tasks"]
+        try:
+            run_args = tyro.cli(Args, args=shlex.split(summary["command"])[2:])  # the flags the suite ran with
+        except SystemExit:
+            raise UserError(f"'{d}' was run with flags this run_suite.py does not read ({summary['command']})") from None
+        per_task = {t: evaluation["tasks"][t] for t in tasks}
+        if first is None:
+            first, first_args, first_episodes = d, run_args, {t: r["episodes"] for t, r in per_task.items()}
+            table.update(tasks=tasks, demos_per_task=rows[tasks[0]]["demos_kept"])
+        if tasks != table["tasks"]:
+            raise UserError(f"'{d}' covers {' '.join(tasks)} where '{first}' covers {' '.join(table['tasks'])}: "
+                            "compare suites of the same tasks")
+        for flag in PROTOCOL:
+            if getattr(run_args, flag) != getattr(first_args, flag):
+                raise UserError(f"'{d}' ran with --{flag.replace('_', '-')} {getattr(run_args, flag)!r} where '{first}' ran "
+                                f"with {getattr(first_args, flag)!r}: compare suites run with one protocol")
+        short = [t for t in tasks if rows[t]["demos_kept"] != table["demos_per_task"]]
+        if short or {t: r["episodes"] for t, r in per_task.items()} != first_episodes:
+            raise UserError(f"'{d}' has {'other demo counts' if short else 'other evaluation episode counts'} than '{first}' "
+                            f"({' '.join(short or tasks)}): every source needs the same demos and evaluation episodes per task")
+        successes, episodes = sum(r["successes"] for r in per_task.values()), sum(r["episodes"] for r in per_task.values())
+        vla_train = read_json(os.path.join(d, "vla", "stages.json"), {}).get("train_minutes", 0)
+        demos_success = sum(rows[t]["demos_kept"] / rows[t]["demos_tried"] for t in tasks) / len(tasks)
+        table["sources"][source] = dict(
+            vla_success=successes / episodes, vla_ci95=list(wilson_interval(successes, episodes)), episodes=episodes,
+            successes=successes,
+            per_task_vla_success={t: r["success_rate"] for t, r in per_task.items()},
+            per_task_vla_ci95={t: r["ci95"] for t, r in per_task.items()},
+            # RL experts: best deterministic evaluation on the 50 init states; the scripted expert: its demos' kept / tried
+            expert_success=demos_success if source == "scripted" else sum(rows[t]["expert_success"] for t in tasks) / len(tasks),
+            demos_success=demos_success,
+            smoothness={k: dict(mean=sum(rows[t]["metrics"][k]["mean"] for t in tasks) / len(tasks),
+                                spread=sum(rows[t]["metrics"][k]["std"] for t in tasks) / len(tasks)) for k in SMOOTHNESS},
+            minutes=dict(stages=round(sum(sum(rows[t]["minutes"].values()) for t in tasks), 1), vla_train=round(vla_train, 1),
+                         vla_eval=round(vla.get("eval_minutes", 0), 1)),
+            out_dir=d, command=summary["command"])
+    return table
+
+
+def plot_compare(table, path):
+    """Left: the VLA's success by source with Wilson intervals, the experts' success as dots. Right: each
+    smoothness figure by source relative to the largest, with the spread across demos."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sources = list(table["sources"])
+    rows = [table["sources"][s] for s in sources]
+    fig, (ax, ax_smooth) = plt.subplots(1, 2, figsize=(10, 3.4))
+    x = range(len(sources))
+    ax.bar(x, [r["vla_success"] for r in rows], color="tab:blue", alpha=0.7, label="VLA")
+    ax.errorbar(x, [r["vla_success"] for r in rows], fmt="none", ecolor="k", capsize=4,
+                yerr=[[r["vla_success"] - r["vla_ci95"][0] for r in rows], [r["vla_ci95"][1] - r["vla_success"] for r in rows]])
+    ax.plot(x, [r["expert_success"] for r in rows], "o", color="tab:orange", label="expert (the data's source)")
+    ax.set_xticks(list(x), sources), ax.set_ylim(0, 1.02), ax.grid(alpha=0.3), ax.legend(fontsize=8)
+    ax.set_ylabel(f"success, {len(table['tasks'])} tasks")
+    width = 0.8 / len(sources)
+    for i, (source, r) in enumerate(zip(sources, rows)):
+        top = [max(q["smoothness"][k]["mean"] for q in rows) or 1 for k in SMOOTHNESS]
+        ax_smooth.bar([j + i * width for j in range(len(SMOOTHNESS))], [r["smoothness"][k]["mean"] / t for k, t in zip(SMOOTHNESS, top)],
+                      width, yerr=[r["smoothness"][k]["spread"] / t for k, t in zip(SMOOTHNESS, top)], capsize=2, label=source)
+    ax_smooth.set_xticks([j + 0.4 - width / 2 for j in range(len(SMOOTHNESS))], SMOOTHNESS, fontsize=8)
+    ax_smooth.set_ylabel("relative to the largest (lower: smoother, shorter)"), ax_smooth.legend(fontsize=8), ax_smooth.grid(alpha=0.3)
+    fig.suptitle(f"{table['demos_per_task']} demos per task: {' '.join(t.replace('libero_', '') for t in table['tasks'])}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def compare_markdown(table):
+    lines = ["| source | VLA success [95% CI] (episodes) | expert success | action jerk | ee jerk | path length (m) | episode length |",
+             "|---|---|---|---|---|---|---|"]
+    for source, r in table["sources"].items():
+        smooth = " | ".join(f"{r['smoothness'][k]['mean']:.4g} ({r['smoothness'][k]['spread']:.2g})" for k in SMOOTHNESS)
+        lines.append(f"| {source} | {r['vla_success']:.3f} [{r['vla_ci95'][0]:.2f}, {r['vla_ci95'][1]:.2f}] ({r['episodes']}) "
+                     f"| {r['expert_success']:.2f} | {smooth} |")
+    return "\n".join(lines) + "\n"
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    if args.compare:
+        try:
+            if args.tasks:
+                raise UserError("--compare reads finished suites: leave --tasks out")
+            if not args.results_path:
+                raise UserError("--compare needs --results-path, the table's JSON (e.g. docs/results/paper_table_libero_spatial.json)")
+            table = compare_suites(args.compare)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        table["command"] = shlex.join(["python", "run_suite.py", *sys.argv[1:]])
+        os.makedirs(os.path.dirname(os.path.abspath(args.results_path)), exist_ok=True)
+        write_json(args.results_path, table)
+        plot_compare(table, os.path.splitext(args.results_path)[0] + ".png")
+        print(compare_markdown(table) + f"\n{args.results_path}, {os.path.splitext(args.results_path)[0]}.png")
+        sys.exit(0)
     try:
         if not args.tasks:
             raise UserError("give --tasks, e.g. --tasks libero_spatial_0 libero_spatial_1 or --tasks libero_spatial")
@@ -505,6 +642,8 @@ if __name__ == "__main__":
                     print(f"vla train: FAILED (exit {rc}); last lines:\n{log_tail(vla['log'])}", flush=True)
                 else:
                     checkpoint = found[-1]
+                    if os.path.isfile(os.path.join(vla_dir, "eval.json")):  # an earlier VLA's scores (other tasks)
+                        os.remove(os.path.join(vla_dir, "eval.json"))
                     vla_state = dict(checkpoint=checkpoint, tasks=ok, train_minutes=seconds / 60)
                     write_json(os.path.join(vla_dir, "stages.json"), vla_state)
                     print(f"vla train: done in {seconds / 60:.1f} min: {checkpoint}", flush=True)

@@ -21,7 +21,7 @@ def test_same_named_blocks_are_identical_in_every_script():
     shared = {name: copies for name, copies in blocks.items() if len(copies) > 1}
     assert {"task names", "wilson interval", "rollout and ppo update", "training loop"} <= set(shared), sorted(shared)
     assert set(shared["task names"]) == {"collect_demos.py", "eval_libero.py", "run_suite.py"}
-    assert set(shared["wilson interval"]) == {"diffusion_ppo.py", "gaussian_ppo.py", "eval_libero.py"}
+    assert set(shared["wilson interval"]) == {"diffusion_ppo.py", "gaussian_ppo.py", "eval_libero.py", "run_suite.py"}
     # the two PPO scripts share environments, critic, GAE, reward scaling, warm-start data, rollout and
     # PPO update, evaluation, checkpoint I/O and the training loop
     ppo = [{name for name, copies in blocks.items() if script in copies} for script in ("diffusion_ppo.py", "gaussian_ppo.py")]

@@ -76,11 +76,14 @@ def test_scripted_suite_is_interrupted_then_resumed(tmp_path):
 
 def test_a_failing_task_does_not_stop_the_others(tmp_path):
     """A directory where libero_spatial_1's demos file must go makes its collection fail after the
-    rollouts; libero_spatial_0 finishes, the failure is named with its log, the exit status is 1."""
+    rollouts; libero_spatial_0 finishes, the failure is named with its log, the exit status is 1.
+    --vla trains and scores the VLA on the task that made its demos, and --compare reads that suite."""
     out = tmp_path / "suite"
     (out / "libero_spatial_1" / "libero_spatial_1_scripted.hdf5").mkdir(parents=True)
     r = run(SCRIPT, ["--tasks", "libero_spatial_0", "libero_spatial_1", "--source", "scripted", "--num-demos", "1", *SMALL,
-             "--out-dir", str(out), "--results-path", str(tmp_path / "results" / "r.json")], tmp_path)
+             "--out-dir", str(out), "--results-path", str(tmp_path / "results" / "r.json"), "--vla",
+             "--vla-args=--num-steps 1 --batch-size 4 --channels 8 --head-dim 32", "--eval-args=--num-episodes 1 --max-steps 8"],
+            tmp_path)
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
     results = json.loads((tmp_path / "results" / "r.json").read_text())["tasks"]
     assert list(results) == ["libero_spatial_0"]  # the finished task's demos figures, merged as they came
@@ -93,6 +96,18 @@ def test_a_failing_task_does_not_stop_the_others(tmp_path):
     failed = summary["tasks"]["libero_spatial_1"]
     assert failed["status"] == "failed" and failed["failed_stage"] == "demos"
     assert failed["log"].endswith("libero_spatial_1/logs/demos.log") and os.path.isfile(failed["log"])
+    assert summary["vla"]["status"] == "done" and summary["vla"]["tasks"] == ["libero_spatial_0"]
+    evaluation = json.loads((out / "vla" / "eval.json").read_text())["tasks"]
+    assert list(evaluation) == ["libero_spatial_0"] and evaluation["libero_spatial_0"]["episodes"] == 1
+
+    r = run(SCRIPT, ["--compare", str(out), "--results-path", str(tmp_path / "table.json")], tmp_path, timeout=120)
+    assert_ok(r)
+    table = json.loads((tmp_path / "table.json").read_text())
+    row = table["sources"]["scripted"]
+    assert table["tasks"] == ["libero_spatial_0"] and table["demos_per_task"] == 1 and row["episodes"] == 1
+    assert row["per_task_vla_success"] == {"libero_spatial_0": evaluation["libero_spatial_0"]["success_rate"]}
+    assert row["smoothness"]["episode_length"]["mean"] == results["libero_spatial_0"]["demos_metrics"]["episode_length"]["mean"]
+    assert row["minutes"]["vla_train"] > 0 and row["minutes"]["vla_eval"] > 0
 
 
 def test_diffusion_ppo_chain_hands_its_expert_on_and_resumes(tmp_path):
