@@ -4,8 +4,9 @@ The policy behind `collect_demos.py --policy scripted` (which imports it, as it 
 policy classes from the scripts that train them): no human demonstration and nothing written per
 task. It reads the goal (`parsed_problem["goal_state"]`) and works through its predicates:
   On / In        pick and place: a grasp planned from the object's collision geometry (objects
-                 narrower than the open gripper across their narrow axis, bowls by the rim), the
-                 candidate whose fingers and hand stay clearest of the other bodies; then above,
+                 narrower than the open gripper across their narrow axis, bowls by the rim, a tilted
+                 bowl where its rim is highest), the candidate whose fingers and hand stay clearest
+                 of the other bodies; then above (planned again there if the object has moved),
                  descend, close, lift, carry (closed loop on the object's own position), lower, open.
   Open / Close   drawers and doors, and TurnOn / TurnOff for stove knobs: the joint behind the goal,
                  its axis and LIBERO's articulation ranges are read from the model; a handle (what
@@ -85,6 +86,8 @@ class ScriptedExpert:
     first, then the placements, then the closing (a drawer is closed after the bowl is in it)."""
 
     GRIPPER_SPAN = 0.075  # Panda fingers open to about 8 cm; keep a margin
+    TILTED = 0.01  # a bowl whose rim heights differ by more than this (metres) rests tilted
+    LIP_INSET = 0.011  # grasp this far inside the highest points of a tilted bowl's rim
     POS_GAIN = 12.0  # action per metre of error (action 1 = 5 cm OSC step)
     LOW_TILT = 0.36  # a hand working a handle within 8 cm of the table points down by atan(0.36) = 20 degrees
     ORDER = {"open": 0, "turnon": 0, "turnoff": 0, "on": 1, "in": 1, "close": 2}
@@ -166,11 +169,21 @@ class ScriptedExpert:
                     z = max(hi_z - 0.035, lo_z + 0.5 * (hi_z - lo_z))
                     cands.append((np.array([*(center_xy + s * other), z]), axis, 0.2 * abs(s) + 0.002 * k))
         if not cands:  # too wide to span (a bowl): pinch the rim, preferably on the robot's side
+            rims = []
             for ang in np.linspace(0, 2 * np.pi, 16, endpoint=False):
                 u = np.array([np.cos(ang), np.sin(ang)])
                 rim_xy = center_xy + u * (np.max(xy @ u) - 0.012)  # the rim may be tilted: measure it
                 near = pts[np.linalg.norm(pts[:, :2] - rim_xy, axis=1) < 0.02]
-                rim_top = near[:, 2].max() if len(near) else hi_z
+                rims.append((u, rim_xy, near[:, 2].max() if len(near) else hi_z))
+            if np.ptp([r[2] for r in rims]) > self.TILTED:
+                # resting tilted (a bowl on a ramekin): seen from above, the low side's wall sticks out past
+                # its rim, so take each direction's rim where the bowl is highest along it
+                radius = np.linalg.norm(xy, axis=1)
+                for i, (u, _, _) in enumerate(rims):
+                    sector = pts[(xy @ u > np.cos(0.25) * radius) & (radius > 0.5 * radius.max())]
+                    lip = sector[sector[:, 2] > sector[:, 2].max() - 0.004]
+                    rims[i] = (u, center_xy + u * (((lip[:, :2] - center_xy) @ u).mean() - self.LIP_INSET), sector[:, 2].max())
+            for u, rim_xy, rim_top in rims:
                 pen = 0.005 * (1 + u[0])  # u = (-1, 0) points at the robot base
                 cands.append((np.array([*rim_xy, rim_top - 0.02]), u, pen))
         # keep the open fingers (and the hand above them) clear of every other body
@@ -197,6 +210,7 @@ class ScriptedExpert:
         yaw = min((yaw, yaw + np.pi, yaw - np.pi), key=lambda y: abs(y) + 10 * max(abs(self.wrist0 - y) - 2.0, 0.0))
         self.R_grasp = rotz(yaw) @ self.R0
         self.grasp = grasp
+        self.obj_at_plan = self.d.xpos[self.env.obj_body_id[obj]].copy()
         self.obj_bottom_below_grasp = grasp[2] - lo_z
         # target: a body (plate, bowl) or a region site (basket_1_contain_region, stove...)
         if target in self.env.obj_body_id:
@@ -387,7 +401,7 @@ class ScriptedExpert:
                 self.phase, self.t_phase = "art_high", 0
             else:
                 self._plan_goal(obs)
-                self.phase, self.t_phase = "above", 0
+                self.phase, self.t_phase, self.replans = "above", 0, 0
         if self.phase.startswith("art_"):
             self.t_phase += 1
             return self._act_articulated(obs)
@@ -400,6 +414,12 @@ class ScriptedExpert:
             a, err = self._move(obs, np.array([g[0], g[1], g[2] + self.above_dz]), self.R_grasp, -1)
             if err < 0.01 or self.t_phase > 80:
                 self.phase, self.t_phase = "descend", 0
+                obj = self.goals[self.goal_idx][1]
+                if np.linalg.norm(self.d.xpos[self.env.obj_body_id[obj]] - self.obj_at_plan) > 0.003 and self.replans < 2:
+                    # the object moved since the plan (one placed on another can still be settling): plan
+                    # again from here and come above the new grasp first
+                    self._plan_goal(obs)
+                    self.phase, self.replans = "above", self.replans + 1
         elif ph == "descend":
             a, err = self._move(obs, g, self.R_grasp, -1, max_speed=0.5)
             if err < 0.006 or stalled or self.t_phase > 40:
