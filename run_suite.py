@@ -379,8 +379,6 @@ def write_summary(args, state, vla):
 # COMPARE: the VLA's success by data source, from finished suites (the paper's table)
 # ---------------------------------------------------------------------------------------
 SMOOTHNESS = ("action_jerk", "ee_jerk", "path_length", "episode_length")
-
-
 PROTOCOL = ("num_demos", "image_size", "reflections", "seed", "vla_args", "eval_args")  # one for every source
 
 
@@ -406,8 +404,9 @@ def compare_suites(dirs):
         except SystemExit:
             raise UserError(f"'{d}' was run with flags this run_suite.py does not read ({summary['command']})") from None
         per_task = {t: evaluation["tasks"][t] for t in tasks}
+        episodes_per_task = {t: r["episodes"] for t, r in per_task.items()}
         if first is None:
-            first, first_args, first_episodes = d, run_args, {t: r["episodes"] for t, r in per_task.items()}
+            first, first_args, first_episodes = d, run_args, episodes_per_task
             table.update(tasks=tasks, demos_per_task=rows[tasks[0]]["demos_kept"])
         if tasks != table["tasks"]:
             raise UserError(f"'{d}' covers {' '.join(tasks)} where '{first}' covers {' '.join(table['tasks'])}: "
@@ -417,10 +416,10 @@ def compare_suites(dirs):
                 raise UserError(f"'{d}' ran with --{flag.replace('_', '-')} {getattr(run_args, flag)!r} where '{first}' ran "
                                 f"with {getattr(first_args, flag)!r}: compare suites run with one protocol")
         short = [t for t in tasks if rows[t]["demos_kept"] != table["demos_per_task"]]
-        if short or {t: r["episodes"] for t, r in per_task.items()} != first_episodes:
+        if short or episodes_per_task != first_episodes:
             raise UserError(f"'{d}' has {'other demo counts' if short else 'other evaluation episode counts'} than '{first}' "
                             f"({' '.join(short or tasks)}): every source needs the same demos and evaluation episodes per task")
-        successes, episodes = sum(r["successes"] for r in per_task.values()), sum(r["episodes"] for r in per_task.values())
+        successes, episodes = sum(r["successes"] for r in per_task.values()), sum(episodes_per_task.values())
         vla_train = read_json(os.path.join(d, "vla", "stages.json"), {}).get("train_minutes", 0)
         demos_success = sum(rows[t]["demos_kept"] / rows[t]["demos_tried"] for t in tasks) / len(tasks)
         table["sources"][source] = dict(
@@ -458,8 +457,8 @@ def plot_compare(table, path):
     ax.set_xticks(list(x), sources), ax.set_ylim(0, 1.02), ax.grid(alpha=0.3), ax.legend(fontsize=8)
     ax.set_ylabel(f"success, {len(table['tasks'])} tasks")
     width = 0.8 / len(sources)
+    top = [max(r["smoothness"][k]["mean"] for r in rows) or 1 for k in SMOOTHNESS]  # each figure's largest source
     for i, (source, r) in enumerate(zip(sources, rows)):
-        top = [max(q["smoothness"][k]["mean"] for q in rows) or 1 for k in SMOOTHNESS]
         ax_smooth.bar([j + i * width for j in range(len(SMOOTHNESS))], [r["smoothness"][k]["mean"] / t for k, t in zip(SMOOTHNESS, top)],
                       width, yerr=[r["smoothness"][k]["spread"] / t for k, t in zip(SMOOTHNESS, top)], capsize=2, label=source)
     ax_smooth.set_xticks([j + 0.4 - width / 2 for j in range(len(SMOOTHNESS))], SMOOTHNESS, fontsize=8)
@@ -495,8 +494,9 @@ if __name__ == "__main__":
         table["command"] = shlex.join(["python", "run_suite.py", *sys.argv[1:]])
         os.makedirs(os.path.dirname(os.path.abspath(args.results_path)), exist_ok=True)
         write_json(args.results_path, table)
-        plot_compare(table, os.path.splitext(args.results_path)[0] + ".png")
-        print(compare_markdown(table) + f"\n{args.results_path}, {os.path.splitext(args.results_path)[0]}.png")
+        figure = os.path.splitext(args.results_path)[0] + ".png"
+        plot_compare(table, figure)
+        print(compare_markdown(table) + f"\n{args.results_path}, {figure}")
         sys.exit(0)
     try:
         if not args.tasks:
@@ -642,8 +642,8 @@ if __name__ == "__main__":
                     print(f"vla train: FAILED (exit {rc}); last lines:\n{log_tail(vla['log'])}", flush=True)
                 else:
                     checkpoint = found[-1]
-                    if os.path.isfile(os.path.join(vla_dir, "eval.json")):  # an earlier VLA's scores (other tasks)
-                        os.remove(os.path.join(vla_dir, "eval.json"))
+                    if os.path.isfile(results := os.path.join(vla_dir, "eval.json")):  # an earlier VLA's scores
+                        os.remove(results)
                     vla_state = dict(checkpoint=checkpoint, tasks=ok, train_minutes=seconds / 60)
                     write_json(os.path.join(vla_dir, "stages.json"), vla_state)
                     print(f"vla train: done in {seconds / 60:.1f} min: {checkpoint}", flush=True)
