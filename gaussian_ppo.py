@@ -977,6 +977,7 @@ if __name__ == "__main__":
         text = run_eval()
         stats["bc_success"] = stats["eval_success"]
         print(f"iter 0 (BC): {text}", flush=True)
+        save("expert.pt")  # again, now with bc_success: the BC policy is always the best so far here
         save("last.pt")
         next_obs, _ = envs.reset()
     clip_coefs = torch.tensor([args.clip_coef], device=device)  # one "denoising step": the same loop as diffusion_ppo.py

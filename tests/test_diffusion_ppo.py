@@ -91,6 +91,7 @@ def test_update_without_success_moves_the_critic_only(tmp_path, tiny_run):
     (run_dir,) = tmp_path.iterdir()
     bc, last = (torch.load(run_dir / name, weights_only=True) for name in ("expert.pt", "last.pt"))
     assert last["iteration"] == 1 and bc["iteration"] == 0
+    assert bc["bc_success"] is not None and bc["bc_success"] == last["bc_success"]  # a resume from expert.pt knows its start
     assert last["actor_grad_steps"] == 0 and last["skipped_actor_updates"] == 1 and last["critic_grad_steps"] >= 1
     for k, v in bc["model"].items():
         assert torch.equal(v, last["model"][k]), k
