@@ -1049,6 +1049,8 @@ if __name__ == "__main__":
         recent_train_success.clear()
         rate, ci = successes / len(init_states), list(wilson_interval(successes, len(init_states)))
         stats.update(eval_success=rate, eval_ci=ci, eval_explore_success=explore_rate)
+        if stats["iteration"] == 0:  # the BC policy's score, known before its checkpoint is written
+            stats["bc_success"] = rate
         stats["eval_history"].append([stats["iteration"], stats["env_steps"], wall_offset + time.time() - start_time,
                                       rate, explore_rate, train_rate])
         plot_eval_history(stats["eval_history"], os.path.join(run_dir, "success.png"), f"{args.task}, {args.exp_name}")
@@ -1073,9 +1075,7 @@ if __name__ == "__main__":
     next_obs, _ = envs.reset(seed=[int(s) for s in seeds])
     if not resumed:
         text = run_eval()
-        stats["bc_success"] = stats["eval_success"]
         print(f"iter 0 (BC): {text}", flush=True)
-        save("expert.pt")  # again, now with bc_success: the BC policy is always the best so far here
         save("last.pt")
         next_obs, _ = envs.reset()
     clip_coefs = clip_schedule(K_ft, args.clip_coef_base, args.clip_coef, CLIP_COEF_RATE).to(device)
