@@ -12,10 +12,13 @@ task. It reads the goal (`parsed_problem["goal_state"]`) and works through its p
                  its axis and LIBERO's articulation ranges are read from the model; a handle (what
                  sticks out furthest along the part's travel) is pulled with a level hand that
                  follows the joint, or the moving part is pushed with closed fingers, until LIBERO's
-                 own predicate holds.
-Opening and switching come first, then the placements, then the closing; an `In` into a closed
-drawer opens it first. Success per task from fresh placements: docs/results/scripted_expert.json
-(`python collect_demos.py --scripted-table ...`).
+                 own predicate holds (a drawer halfway into its goal range, so that it stays there).
+                 A drawer near the table, whose handle leaves no room for the hand's width, is worked
+                 with the hand pointing down and leaning in: pulled by closed fingers pressed on the
+                 handle's top, pushed by their tips.
+Closing what nothing is put into comes first, then opening and switching, then the placements,
+then the remaining closing; an `In` into a closed drawer opens it first. Success per task from
+fresh placements: docs/results/scripted_expert.json (`python collect_demos.py --scripted-table ...`).
 
     expert = ScriptedExpert(env)          # a LIBERO ControlEnv after reset and the settle steps
     action = expert.act(obs)              # (7,) in [-1, 1], once per control step
@@ -90,6 +93,9 @@ class ScriptedExpert:
     LIP_INSET = 0.011  # grasp this far inside the highest points of a tilted bowl's rim
     POS_GAIN = 12.0  # action per metre of error (action 1 = 5 cm OSC step)
     LOW_TILT = 0.36  # a hand working a handle within 8 cm of the table points down by atan(0.36) = 20 degrees
+    LOW_DRAWER = 0.08  # a drawer whose handle is this close above the cabinet's foot leaves no room for the hand's width
+    LEAN = 0.5  # a hand working such a drawer points down, leaning this far (radians) towards the cabinet
+    PRESS_DZ = 0.012  # closed fingers pulling a handle by friction are driven this far into its top
     ORDER = {"open": 0, "turnon": 0, "turnoff": 0, "on": 1, "in": 1, "close": 2}
 
     def __init__(self, env, variety=0.0, rng=None):
@@ -107,7 +113,9 @@ class ScriptedExpert:
         for pred in goals:
             if pred[0] not in self.ORDER:
                 raise UnsupportedGoal(f"the scripted expert cannot do the predicate '{pred[0]}' in goal {list(pred)}")
-        self.goals = sorted(goals, key=lambda g: self.ORDER[g[0]])  # stable: BDDL order within a kind
+        filled = {g[-1] for g in goals if g[0] == "in"}
+        # stable: BDDL order within a kind; a close with nothing to put inside goes first (an open drawer sticks out into the way)
+        self.goals = sorted(goals, key=lambda g: -1 if g[0] == "close" and g[-1] not in filled else self.ORDER[g[0]])
         m = self.env.sim.model._model
         self.m, self.d = m, self.env.sim.data._data
         self.goal_idx, self.phase, self.t_phase = 0, "plan", 0
@@ -249,9 +257,12 @@ class ScriptedExpert:
 
         Handles are grasped with the hand level, pointing at the part (from above, the palm would meet
         the cabinet or the door's top before the fingers reach the handle), and drawers are pushed
-        the same way. Doors and knobs are pushed from above with closed fingers: a door that the
-        first pull left ajar (the arm cannot follow its handle all the way round) is pushed open
-        from the inside."""
+        the same way. A drawer near the table (its handle between the table and the drawer above, too
+        little room for the hand's 20 cm across the fingers) is worked with the hand pointing down and
+        leaning in, fingers closed: pulled by pressing on the handle's top, pushed by the fingertips;
+        so is a drawer a level grasp failed to open. Doors and knobs are pushed from above with closed
+        fingers: a door that the first pull left ajar (the arm cannot follow its handle all the way
+        round) is pushed open from the inside."""
         pred, name = self.goals[self.goal_idx]
         tries = self.art_tries[self.goal_idx] = self.art_tries.get(self.goal_idx, 0) + 1
         joint, parent = articulated_joint(self.env, name)
@@ -279,11 +290,22 @@ class ScriptedExpert:
             point = (back.min(0) + back.max(0)) / 2
             upright = False
         R, x = d.xmat[body].reshape(3, 3), d.xpos[body]
-        self.art = dict(jid=jid, qadr=m.jnt_qposadr[jid], body=body, slide=slide, sign=sign, pull=pull,
+        # a drawer let go just past the goal range's edge slides back out of it: move it halfway into the range
+        edge = goal_range[np.argmin([abs(g - np.mean(other_range)) for g in goal_range])]
+        deep = edge + sign * 0.5 * abs(goal_range[1] - goal_range[0]) if slide else None
+        self.art = dict(jid=jid, qadr=m.jnt_qposadr[jid], body=body, slide=slide, sign=sign, pull=pull, deep=deep,
                         local=R.T @ (point - x), q0=float(d.qpos[m.jnt_qposadr[jid]]))
         p, v = self._joint_point()
         whole = self._points(parent)
-        if slide or pull:  # the hand points into the part: against the pull, along the push
+        low = slide and p[2] - whole[:, 2].min() < self.LOW_DRAWER
+        # a drawer's bar too low for the hand's width across it (between the table and the drawer above), or one a
+        # level grasp failed to move far enough: the closed fingers press on the bar's top and pull by friction
+        self.art["press"] = press = slide and pull and not upright and (low or tries > 1)
+        if low or press:  # the hand points down, leaning into the part: against the pull, along the push
+            w = (-v if pull else v) * np.sin(self.LEAN) + np.array([0.0, 0.0, -np.cos(self.LEAN)])
+            self.R_art = self._level_R(w, fingers_vertical=False)
+            self.art["start"] = np.array([*p[:2], handle[:, 2].max() + 0.004]) if press else p - v * 0.03
+        elif slide or pull:  # the hand points into the part: against the pull, along the push
             w = -v if pull else v
             if p[2] - whole[:, 2].min() < 0.08:  # near the table: tilt the hand down so the palm clears it
                 w = (w + np.array([0.0, 0.0, -self.LOW_TILT])) / np.sqrt(1 + self.LOW_TILT**2)
@@ -316,7 +338,7 @@ class ScriptedExpert:
         turn = 0.0 if a["slide"] else float(self.d.qpos[a["qadr"]] - a["q0"])
         R = T.quat2mat(T.axisangle2quat(self.d.xaxis[a["jid"]] * turn)) @ self.R_art  # the hand turns with a door
         grip = 1
-        if a["pull"] and ph in ("art_high", "art_above", "art_descend"):  # open just wider than a handle bar
+        if a["pull"] and not a["press"] and ph in ("art_high", "art_above", "art_descend"):  # open just wider than a handle bar
             gap = obs["robot0_gripper_qpos"][0] - 0.018  # each finger's travel from closed, metres
             grip = 0.0 if abs(gap) < 0.002 else float(np.sign(gap))
         if ph == "art_high":
@@ -339,12 +361,15 @@ class ScriptedExpert:
                 self.art["offset"] = R_body.T @ (obs["robot0_eef_pos"] - p)  # where the hand holds the handle, in the part's frame
         elif ph == "art_move":
             held = p + self.d.xmat[a["body"]].reshape(3, 3) @ a["offset"] if a["pull"] else p - v * 0.005
+            if a["press"]:
+                held = held - np.array([0.0, 0.0, self.PRESS_DZ])
             act, _ = self._move(obs, held + v * 0.04, R, grip)
             q = float(self.d.qpos[a["qadr"]])
             stuck = self.t_phase % 10 == 0 and abs(q - a["q_mark"]) < 0.005  # no progress in 10 steps: let go, re-plan
             if self.t_phase == 1 or self.t_phase % 10 == 0:
                 a["q_mark"] = q
-            if self._art_done() or stuck or self.t_phase > 150:
+            deep = a["deep"] is None or a["sign"] * (q - a["deep"]) >= 0
+            if (self._art_done() and deep) or stuck or self.t_phase > 150:
                 self.phase, self.t_phase = "art_release", 0
         elif ph == "art_release":
             act, _ = self._move(obs, obs["robot0_eef_pos"], R, -1)
