@@ -93,7 +93,7 @@ class ScriptedExpert:
     LIP_INSET = 0.011  # grasp this far inside the highest points of a tilted bowl's rim
     POS_GAIN = 12.0  # action per metre of error (action 1 = 5 cm OSC step)
     LOW_TILT = 0.36  # a hand working a handle within 8 cm of the table points down by atan(0.36) = 20 degrees
-    LOW_DRAWER = 0.08  # a drawer whose handle is this close above the cabinet's foot leaves no room for the hand's width
+    LOW_DRAWER = 0.08  # a handle this close above its object's foot is near the table: for a drawer, no room for the hand's width
     LEAN = 0.5  # a hand working such a drawer points down, leaning this far (radians) towards the cabinet
     PRESS_DZ = 0.012  # closed fingers pulling a handle by friction are driven this far into its top
     ORDER = {"open": 0, "turnon": 0, "turnoff": 0, "on": 1, "in": 1, "close": 2}
@@ -297,7 +297,8 @@ class ScriptedExpert:
                         local=R.T @ (point - x), q0=float(d.qpos[m.jnt_qposadr[jid]]))
         p, v = self._joint_point()
         whole = self._points(parent)
-        low = slide and p[2] - whole[:, 2].min() < self.LOW_DRAWER
+        near_table = p[2] - whole[:, 2].min() < self.LOW_DRAWER
+        low = slide and near_table
         # a drawer's bar too low for the hand's width across it (between the table and the drawer above), or one a
         # level grasp failed to move far enough: the closed fingers press on the bar's top and pull by friction
         self.art["press"] = press = slide and pull and not upright and (low or tries > 1)
@@ -307,7 +308,7 @@ class ScriptedExpert:
             self.art["start"] = np.array([*p[:2], handle[:, 2].max() + 0.004]) if press else p - v * 0.03
         elif slide or pull:  # the hand points into the part: against the pull, along the push
             w = -v if pull else v
-            if p[2] - whole[:, 2].min() < 0.08:  # near the table: tilt the hand down so the palm clears it
+            if near_table:  # a door's handle near the table: tilt the hand down so the palm clears it
                 w = (w + np.array([0.0, 0.0, -self.LOW_TILT])) / np.sqrt(1 + self.LOW_TILT**2)
             self.R_art = self._level_R(w, fingers_vertical=pull and not upright)
             self.art["start"] = p if pull else p - w * 0.03
