@@ -222,7 +222,14 @@ with which LIBERO's shipped init states were made (LIBERO's ControlEnv turns it 
 def fresh_placement(env, seed):
     """Reset to the placement of `seed` and start the arm as LIBERO's init states do: its joints drawn
     around the home pose, then set as evaluation sets an init state (after a reset, so the arm
-    controller keeps the home pose as its nullspace target, as in evaluation). Returns the observation."""
+    controller keeps the home pose as its nullspace target, as in evaluation). Returns the observation.
+
+    The same seed gives the same placement whatever the env did before. LIBERO appends a copy of each
+    articulated object's open/close (on/off) sampler to `object_property_initializers` at every model
+    load and draws from all of them before placing the objects, so the k-th hard reset would shift the
+    placements' random stream by k draws; the copies are alike, so only the newest set is kept."""
+    samplers = env.env.object_property_initializers
+    del samplers[: len(samplers) - len({s.name for s in samplers})]
     env.seed(seed)
     env.reset()
     state = env.get_sim_state().copy()
