@@ -8,6 +8,9 @@ task. It reads the goal (`parsed_problem["goal_state"]`) and works through its p
                  bowl where its rim is highest), the candidate whose fingers and hand stay clearest
                  of the other bodies; then above (planned again there if the object has moved),
                  descend, close, lift, carry (closed loop on the object's own position), lower, open.
+                 An object too wide for the fingers and too flat to pinch (a plate), bound for a
+                 spot on the surface it stands on, is pushed there instead: closed fingers pressed
+                 onto its floor push its front rim from inside.
   Open / Close   drawers and doors, and TurnOn / TurnOff for stove knobs: the joint behind the goal,
                  its axis and LIBERO's articulation ranges are read from the model; a handle (what
                  sticks out furthest along the part's travel) is pulled with a level hand that
@@ -96,6 +99,10 @@ class ScriptedExpert:
     LOW_DRAWER = 0.08  # a handle this close above its object's foot is near the table: for a drawer, no room for the hand's width
     LEAN = 0.5  # a hand working such a drawer points down, leaning this far (radians) towards the cabinet
     PRESS_DZ = 0.012  # closed fingers pulling a handle by friction are driven this far into its top
+    FLAT = 0.03  # an object lower than this (a plate) and too wide for the fingers is pushed, not lifted
+    PUSH_DZ = -0.01  # pushing fingers aim below the pushed object's bottom: they press its floor down, so it does not ride up onto what it meets
+    PUSH_INSET = 0.025  # and at this far inside its front rim
+    PUSH_LEAD = 0.05  # plus this much further on, so they keep pressing
     ORDER = {"open": 0, "turnon": 0, "turnoff": 0, "on": 1, "in": 1, "close": 2}
 
     def __init__(self, env, variety=0.0, rng=None):
@@ -176,6 +183,12 @@ class ScriptedExpert:
                 for s in np.linspace(-1, 1, 9) * reach:
                     z = max(hi_z - 0.035, lo_z + 0.5 * (hi_z - lo_z))
                     cands.append((np.array([*(center_xy + s * other), z]), axis, 0.2 * abs(s) + 0.002 * k))
+        # too wide to span and too flat to pinch (a plate), with a spot on the table as the target: push it there
+        self.push = (not cands and hi_z - lo_z < self.FLAT and target not in self.env.obj_body_id
+                     and abs(self._site(target)[0][2] - lo_z) < self.FLAT)  # a spot on the surface it stands on
+        if self.push:
+            self._plan_push(pts)
+            return
         if not cands:  # too wide to span (a bowl): pinch the rim, preferably on the robot's side
             rims = []
             for ang in np.linspace(0, 2 * np.pi, 16, endpoint=False):
@@ -236,6 +249,45 @@ class ScriptedExpert:
             surface = pos[2] - size[2] if self.goals and self._pred() == "in" else pos[2]
         self.release_z = surface + 0.015 + self.obj_bottom_below_grasp
         self.carry_z = max(target_hi, hi_z) + 0.06 + self.carry_dz + self.obj_bottom_below_grasp
+
+    def _plan_push(self, pts):
+        """A flat object too wide to grasp (a plate) is pushed across the table: the closed fingers go
+        down onto its middle (where the hand keeps clear of what stands around it), the hand lined up
+        with the line from there to the target site (narrow across the way), and push its front rim
+        from inside until it is there."""
+        target = self.goals[self.goal_idx][-1]
+        center_xy = (pts[:, :2].min(0) + pts[:, :2].max(0)) / 2
+        self.push_radius = np.linalg.norm(pts[:, :2] - center_xy, axis=1).max()
+        self.place_xy = self._site(target)[0][:2]
+        self.push_z = pts[:, 2].min() + self.PUSH_DZ
+        u = self.place_xy - center_xy
+        u /= max(np.linalg.norm(u), 1e-9)
+        yaw = np.arctan2(u[1], u[0]) - np.pi / 2  # finger axis (gripper y) along the push
+        yaw = (yaw + np.pi / 2) % np.pi - np.pi / 2
+        self.R_grasp = rotz(yaw) @ self.R0
+        self.grasp = np.array([*center_xy, self.push_z])
+        self.carry_z = pts[:, 2].max() + 0.06
+
+    def _act_push(self, obs, stalled):
+        obj = self.goals[self.goal_idx][1]
+        obj_xy = self.d.xpos[self.env.obj_body_id[obj]][:2]
+        to_go = self.place_xy - obj_xy
+        u = to_go / max(np.linalg.norm(to_go), 1e-9)
+        g, ph = self.grasp, self.phase
+        if ph == "push_above":
+            a, err = self._move(obs, np.array([g[0], g[1], g[2] + self.above_dz]), self.R_grasp, 1)
+            if err < 0.01 or self.t_phase > 80:
+                self.phase, self.t_phase = "push_down", 0
+        elif ph == "push_down":
+            a, err = self._move(obs, g, self.R_grasp, 1, max_speed=0.5)
+            if err < 0.006 or stalled or self.t_phase > 40:
+                self.phase, self.t_phase = "push", 0
+        elif ph == "push":
+            xy = obj_xy + u * (self.push_radius - self.PUSH_INSET + self.PUSH_LEAD)
+            a, _ = self._move(obs, np.array([xy[0], xy[1], self.push_z]), self.R_grasp, 1, max_speed=0.6)
+            if np.linalg.norm(to_go) < 0.01 or self.t_phase > 150:
+                self.phase, self.t_phase = "retreat", 0
+        return a
 
     # -- articulated objects: drawers, doors, knobs ---------------------------------------
     ART_RANGES = {"open": ("default_open_ranges", "default_close_ranges"), "close": ("default_close_ranges", "default_open_ranges"),
@@ -427,7 +479,7 @@ class ScriptedExpert:
                 self.phase, self.t_phase = "art_high", 0
             else:
                 self._plan_goal(obs)
-                self.phase, self.t_phase, self.replans = "above", 0, 0
+                self.phase, self.t_phase, self.replans = "push_above" if self.push else "above", 0, 0
         if self.phase.startswith("art_"):
             self.t_phase += 1
             return self._act_articulated(obs)
@@ -436,6 +488,8 @@ class ScriptedExpert:
         # blocked by contact (a finger on a rim, the object on the target): stop waiting
         stalled = self.t_phase > 8 and np.linalg.norm(self.trail[-1] - self.trail[0]) < 0.002
         g, ph = self.grasp, self.phase
+        if ph.startswith("push"):
+            return np.clip(self._act_push(obs, stalled), -1, 1)
         if ph == "above":
             a, err = self._move(obs, np.array([g[0], g[1], g[2] + self.above_dz]), self.R_grasp, -1)
             if err < 0.01 or self.t_phase > 80:

@@ -257,6 +257,32 @@ def test_scripted_expert_works_drawers_doors_and_knobs(task, seeds):
 
 
 @pytest.mark.slow
+def test_scripted_expert_pushes_a_plate_it_cannot_grasp():
+    """libero_goal_5, "push the plate to the front of the stove": the plate is wider than the open
+    fingers and too flat to pinch, so it is pushed along the table (it was lifted by its rim and
+    dropped before: 0 of 10). It slides, it is not carried: it never rises off the table."""
+    collect_demos._rollout_init("libero_goal_5", "scripted")
+    env = collect_demos._WORKER["env"]
+    plate = env.env.obj_body_id["plate_1"]
+    path = []
+    step = env.step
+
+    def watched_step(action):  # the plate's position after every control step, settle steps first
+        out = step(action)
+        path.append(env.env.sim.data.body_xpos[plate].copy())
+        return out
+
+    env.step = watched_step
+    ep = collect_demos.rollout_episode(0)
+    env.close()
+    collect_demos._WORKER.clear()
+    rest, moving = path[collect_demos.NUM_SETTLE_STEPS - 1], np.array(path[collect_demos.NUM_SETTLE_STEPS:])
+    assert ep["success"] and len(ep["actions"]) <= 150, len(ep["actions"])
+    assert np.linalg.norm(moving[-1, :2] - rest[:2]) > 0.15, (rest, moving[-1])
+    assert moving[:, 2].max() - rest[2] < 0.015, moving[:, 2].max() - rest[2]
+
+
+@pytest.mark.slow
 def test_a_seed_gives_the_same_placement_whatever_came_before():
     """LIBERO adds a copy of each articulated object's open/close sampler at every hard reset and draws
     from all of them, so without care the placement of a seed depends on how many resets the env has
