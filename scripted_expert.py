@@ -184,10 +184,10 @@ class ScriptedExpert:
                     z = max(hi_z - 0.035, lo_z + 0.5 * (hi_z - lo_z))
                     cands.append((np.array([*(center_xy + s * other), z]), axis, 0.2 * abs(s) + 0.002 * k))
         # too wide to span and too flat to pinch (a plate), with a spot on the table as the target: push it there
-        self.push = (not cands and hi_z - lo_z < self.FLAT and target not in self.env.obj_body_id
-                     and abs(self._site(target)[0][2] - lo_z) < self.FLAT)  # a spot on the surface it stands on
+        spot = None if cands or target in self.env.obj_body_id else self._site(target)[0]
+        self.push = spot is not None and hi_z - lo_z < self.FLAT and abs(spot[2] - lo_z) < self.FLAT  # on its own surface
         if self.push:
-            self._plan_push(pts)
+            self._plan_push(pts, center_xy, spot[:2])
             return
         if not cands:  # too wide to span (a bowl): pinch the rim, preferably on the robot's side
             rims = []
@@ -223,13 +223,7 @@ class ScriptedExpert:
             return float(np.sqrt(out**2 + np.maximum(across - half_across, 0.0) ** 2).min())
 
         grasp, close_dir, _ = max(cands, key=lambda c: min(clearance(c[0], c[1]), 0.03) - c[2])
-        # yaw that lines the finger axis (gripper y) up with close_dir; the fingers are symmetric, so
-        # yaw and yaw +- pi grasp alike: take the smaller turn that keeps the wrist joint (which turns
-        # by about -yaw, limit +-2.9 rad) well inside its range
-        yaw = np.arctan2(close_dir[1], close_dir[0]) - np.pi / 2
-        yaw = (yaw + np.pi / 2) % np.pi - np.pi / 2
-        yaw = min((yaw, yaw + np.pi, yaw - np.pi), key=lambda y: abs(y) + 10 * max(abs(self.wrist0 - y) - 2.0, 0.0))
-        self.R_grasp = rotz(yaw) @ self.R0
+        self.R_grasp = self._finger_axis_R(close_dir)
         self.grasp = grasp
         self.obj_at_plan = self.d.xpos[self.env.obj_body_id[obj]].copy()
         self.obj_bottom_below_grasp = grasp[2] - lo_z
@@ -250,21 +244,24 @@ class ScriptedExpert:
         self.release_z = surface + 0.015 + self.obj_bottom_below_grasp
         self.carry_z = max(target_hi, hi_z) + 0.06 + self.carry_dz + self.obj_bottom_below_grasp
 
-    def _plan_push(self, pts):
+    def _finger_axis_R(self, direction):
+        """Hand pointing down (R0) with the finger axis (gripper y) along the horizontal `direction`. The
+        fingers are symmetric, so yaw and yaw +- pi are alike: take the smaller turn that keeps the wrist
+        joint (which turns by about -yaw, limit +-2.9 rad) well inside its range."""
+        yaw = np.arctan2(direction[1], direction[0]) - np.pi / 2
+        yaw = (yaw + np.pi / 2) % np.pi - np.pi / 2
+        yaw = min((yaw, yaw + np.pi, yaw - np.pi), key=lambda y: abs(y) + 10 * max(abs(self.wrist0 - y) - 2.0, 0.0))
+        return rotz(yaw) @ self.R0
+
+    def _plan_push(self, pts, center_xy, place_xy):
         """A flat object too wide to grasp (a plate) is pushed across the table: the closed fingers go
         down onto its middle (where the hand keeps clear of what stands around it), the hand lined up
         with the line from there to the target site (narrow across the way), and push its front rim
         from inside until it is there."""
-        target = self.goals[self.goal_idx][-1]
-        center_xy = (pts[:, :2].min(0) + pts[:, :2].max(0)) / 2
         self.push_radius = np.linalg.norm(pts[:, :2] - center_xy, axis=1).max()
-        self.place_xy = self._site(target)[0][:2]
+        self.place_xy = place_xy
         self.push_z = pts[:, 2].min() + self.PUSH_DZ
-        u = self.place_xy - center_xy
-        u /= max(np.linalg.norm(u), 1e-9)
-        yaw = np.arctan2(u[1], u[0]) - np.pi / 2  # finger axis (gripper y) along the push
-        yaw = (yaw + np.pi / 2) % np.pi - np.pi / 2
-        self.R_grasp = rotz(yaw) @ self.R0
+        self.R_grasp = self._finger_axis_R(place_xy - center_xy)  # the hand's long side along the push
         self.grasp = np.array([*center_xy, self.push_z])
         self.carry_z = pts[:, 2].max() + 0.06
 
