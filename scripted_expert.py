@@ -5,12 +5,14 @@ policy classes from the scripts that train them): no human demonstration and not
 task. It reads the goal (`parsed_problem["goal_state"]`) and works through its predicates:
   On / In        pick and place: a grasp planned from the object's collision geometry (objects
                  narrower than the open gripper across their narrow axis, bowls by the rim, a tilted
-                 bowl where its rim is highest), the candidate whose fingers and hand stay clearest
+                 bowl where its rim is highest, a tall object too wide as a whole (a pot with a handle
+                 and a spout) across a strip of it the fingers can span), the candidate whose fingers and hand stay clearest
                  of the other bodies; then above (planned again there if the object has moved),
                  descend, close, lift, carry (closed loop on the object's own position), lower, open.
                  An object too wide for the fingers and too flat to pinch (a plate), bound for a
                  spot on the surface it stands on, is pushed there instead: closed fingers pressed
-                 onto its floor push its front rim from inside.
+                 onto its floor push its front rim from inside. Objects bound `On` the same site are
+                 spread over it.
   Open / Close   drawers and doors, and TurnOn / TurnOff for stove knobs: the joint behind the goal,
                  its axis and LIBERO's articulation ranges are read from the model; a handle (what
                  sticks out furthest along the part's travel) is pulled with a level hand that
@@ -99,6 +101,9 @@ class ScriptedExpert:
     LOW_DRAWER = 0.08  # a handle this close above its object's foot is near the table: for a drawer, no room for the hand's width
     LEAN = 0.5  # a hand working such a drawer points down, leaning this far (radians) towards the cabinet
     PRESS_DZ = 0.012  # closed fingers pulling a handle by friction are driven this far into its top
+    TALL = 0.06  # an object taller than this and too wide as a whole is grasped across a part of it (a pot's body)
+    FINGER_HALF = 0.011  # half a finger's width across the closing direction
+    SHARE_INSET = 0.025  # objects sharing a target site are spread to this far inside its edges
     FLAT = 0.03  # an object lower than this (a plate) and too wide for the fingers is pushed, not lifted
     PUSH_DZ = -0.01  # pushing fingers aim below the pushed object's bottom: they press its floor down, so it does not ride up onto what it meets
     PUSH_INSET = 0.025  # and at this far inside its front rim
@@ -127,6 +132,7 @@ class ScriptedExpert:
         self.m, self.d = m, self.env.sim.data._data
         self.goal_idx, self.phase, self.t_phase = 0, "plan", 0
         self.art_tries = {}  # goal index -> articulated attempts so far
+        self.spread_axis = {}  # target site -> the axis along which the objects sharing it are spread
 
     # -- geometry of bodies and sites ----------------------------------------------------
     def _points(self, name):
@@ -183,6 +189,8 @@ class ScriptedExpert:
                 for s in np.linspace(-1, 1, 9) * reach:
                     z = max(hi_z - 0.035, lo_z + 0.5 * (hi_z - lo_z))
                     cands.append((np.array([*(center_xy + s * other), z]), axis, 0.2 * abs(s) + 0.002 * k))
+        if not cands and hi_z - lo_z > self.TALL:  # tall, and too wide as a whole (a pot with a handle and a spout)
+            cands = self._strip_grasps(obj, center_xy, vecs, max(hi_z - 0.035, lo_z + 0.5 * (hi_z - lo_z)))
         # too wide to span and too flat to pinch (a plate), with a spot on the table as the target: push it there
         spot = None if cands or target in self.env.obj_body_id else self._site(target)[0]
         self.push = spot is not None and hi_z - lo_z < self.FLAT and abs(spot[2] - lo_z) < self.FLAT  # on its own surface
@@ -202,6 +210,8 @@ class ScriptedExpert:
                 radius = np.linalg.norm(xy, axis=1)
                 for i, (u, _, _) in enumerate(rims):
                     sector = pts[(xy @ u > np.cos(0.25) * radius) & (radius > 0.5 * radius.max())]
+                    if not len(sector):  # nothing of it out that way (a pan, whose handle sets the radius)
+                        continue
                     lip = sector[sector[:, 2] > sector[:, 2].max() - 0.004]
                     rims[i] = (u, center_xy + u * (((lip[:, :2] - center_xy) @ u).mean() - self.LIP_INSET), sector[:, 2].max())
             for u, rim_xy, rim_top in rims:
@@ -235,7 +245,7 @@ class ScriptedExpert:
             target_hi = surface
         else:
             pos, size = self._site(target)
-            self.place_xy = pos[:2]
+            self.place_xy = pos[:2] + self._share_offset(target, size)
             parent = target.split("_")[0] + "_" + target.split("_")[1]
             parent_hi = self._points(parent)[:, 2].max() if parent in self.env.obj_body_id else pos[2]
             target_hi = max(parent_hi, pos[2] + size[2])
@@ -243,6 +253,41 @@ class ScriptedExpert:
             surface = pos[2] - size[2] if self.goals and self._pred() == "in" else pos[2]
         self.release_z = surface + 0.015 + self.obj_bottom_below_grasp
         self.carry_z = max(target_hi, hi_z) + 0.06 + self.carry_dz + self.obj_bottom_below_grasp
+
+    def _strip_grasps(self, obj, center_xy, vecs, z):
+        """Grasps of an object too wide as a whole, across a strip of it the fingers can span: the open
+        fingers (FINGER_HALF either side of the grasp, plus a margin) sweep a strip as they close, and
+        every part of the object that reaches into the strip, at any height, must lie between them."""
+        pts, owner = self._body_points(self.env.obj_body_id[obj], with_geoms=True)
+        xy = pts[:, :2] - center_xy
+        geoms = [xy[owner == g] for g in np.unique(owner)]
+        cands = []
+        for k in range(2):
+            axis, other = vecs[:, k], vecs[:, 1 - k]
+            spans = np.array([[(p @ axis).min(), (p @ axis).max(), (p @ other).min(), (p @ other).max()] for p in geoms])
+            half = self.FINGER_HALF + 0.002
+            for s in np.linspace(spans[:, 2].min() + half, spans[:, 3].max() - half, 17):
+                swept = spans[(spans[:, 3] > s - half) & (spans[:, 2] < s + half)]
+                lo, hi = swept[:, 0].min(), swept[:, 1].max()
+                if hi - lo < self.GRIPPER_SPAN:
+                    cands.append((np.array([*(center_xy + s * other + (lo + hi) / 2 * axis), z]), axis, 0.2 * abs(s) + 0.002 * k))
+        return cands
+
+    def _share_offset(self, target, size):
+        """Offset from a site's centre for this goal's object when several objects go `On` the same site
+        (two pots on one stove): spread along the world axis across which the objects are narrowest,
+        SHARE_INSET inside the site's edges (LIBERO tests each object's origin against the site's box)."""
+        sharing = [g for g in self.goals if g[0] == "on" and g[-1] == target]
+        if len(sharing) < 2:
+            return np.zeros(2)
+        if target not in self.spread_axis:
+            extent = sum(np.ptp(self._points(g[1])[:, :2], axis=0) for g in sharing)
+            self.spread_axis[target] = int(np.argmin(extent))
+        k = self.spread_axis[target]
+        half = max(size[k] - self.SHARE_INSET, 0.0)
+        offset = np.zeros(2)
+        offset[k] = np.linspace(-half, half, len(sharing))[sharing.index(self.goals[self.goal_idx])]
+        return offset
 
     def _finger_axis_R(self, direction):
         """Hand pointing down (R0) with the finger axis (gripper y) along the horizontal `direction`. The
@@ -382,7 +427,7 @@ class ScriptedExpert:
     def _art_done(self):
         return bool(self.env._eval_predicate(list(self.goals[self.goal_idx])))
 
-    def _act_articulated(self, obs):
+    def _act_articulated(self, obs, stalled):
         a, ph = self.art, self.phase
         p, v = self._joint_point()
         turn = 0.0 if a["slide"] else float(self.d.qpos[a["qadr"]] - a["q0"])
@@ -397,11 +442,11 @@ class ScriptedExpert:
                 self.phase, self.t_phase = "art_above", 0
         elif ph == "art_above":
             act, err = self._move(obs, a["approach"], R, grip)
-            if err < 0.01 or self.t_phase > 60:
+            if err < 0.01 or stalled or self.t_phase > 60:
                 self.phase, self.t_phase = "art_descend", 0
         elif ph == "art_descend":
             act, err = self._move(obs, a["start"], R, grip, max_speed=0.5)
-            if err < 0.006 or self.t_phase > 40:
+            if err < 0.006 or stalled or self.t_phase > 40:
                 self.phase, self.t_phase = ("art_grasp" if a["pull"] else "art_move"), 0
         elif ph == "art_grasp":
             act, _ = self._move(obs, a["start"], R, 1)
@@ -477,13 +522,12 @@ class ScriptedExpert:
             else:
                 self._plan_goal(obs)
                 self.phase, self.t_phase, self.replans = "push_above" if self.push else "above", 0, 0
-        if self.phase.startswith("art_"):
-            self.t_phase += 1
-            return self._act_articulated(obs)
         self.t_phase += 1
         self.trail = ([] if self.t_phase == 1 else self.trail[-5:]) + [obs["robot0_eef_pos"].copy()]
-        # blocked by contact (a finger on a rim, the object on the target): stop waiting
+        # blocked by contact (a finger on a rim, the object on the target, the hand on a knob): stop waiting
         stalled = self.t_phase > 8 and np.linalg.norm(self.trail[-1] - self.trail[0]) < 0.002
+        if self.phase.startswith("art_"):
+            return self._act_articulated(obs, stalled)
         g, ph = self.grasp, self.phase
         if ph.startswith("push"):
             return np.clip(self._act_push(obs, stalled), -1, 1)
@@ -536,7 +580,8 @@ class ScriptedExpert:
         elif ph == "lower":
             xy = self._place_eef_xy(obs)
             a, err = self._move(obs, np.array([xy[0], xy[1], self.release_z]), self.R_grasp, 1, max_speed=0.5)
-            if err < 0.008 or stalled or self.t_phase > 50:
+            landed = self.t_phase > 8 and self.trail[0][2] - self.trail[-1][2] < 0.002  # standing on something (the closed loop may still creep sideways)
+            if err < 0.008 or stalled or landed or self.t_phase > 50:
                 self.phase, self.t_phase = "release", 0
         elif ph == "release":
             a, _ = self._move(obs, obs["robot0_eef_pos"], self.R_grasp, -1)

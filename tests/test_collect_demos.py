@@ -283,6 +283,33 @@ def test_scripted_expert_pushes_a_plate_it_cannot_grasp():
 
 
 @pytest.mark.slow
+def test_scripted_expert_lifts_two_pots_by_their_bodies_onto_one_stove():
+    """libero_10_8, "turn on the stove and put both moka pots on it": each pot's handle and spout make it
+    too wide for the fingers as a whole (it was pinched at a side panel like a bowl's rim and never
+    lifted: 0 of 10), so it is grasped across its body beside them; and the two pots go to two spots
+    of the one cook region, not onto each other. Both are carried (they rise), and end apart."""
+    collect_demos._rollout_init("libero_10_8", "scripted")
+    env = collect_demos._WORKER["env"]
+    pots = [env.env.obj_body_id[n] for n in ("moka_pot_1", "moka_pot_2")]
+    path = []
+    step = env.step
+
+    def watched_step(action):
+        out = step(action)
+        path.append(env.env.sim.data.body_xpos[pots].copy())
+        return out
+
+    env.step = watched_step
+    ep = collect_demos.rollout_episode(0)
+    env.close()
+    collect_demos._WORKER.clear()
+    path = np.array(path[collect_demos.NUM_SETTLE_STEPS - 1:])
+    assert ep["success"], len(ep["actions"])
+    assert (path[:, :, 2].max(0) - path[0, :, 2] > 0.1).all(), path[:, :, 2].max(0) - path[0, :, 2]
+    assert np.linalg.norm(path[-1, 0, :2] - path[-1, 1, :2]) > 0.07, path[-1]
+
+
+@pytest.mark.slow
 def test_a_seed_gives_the_same_placement_whatever_came_before():
     """LIBERO adds a copy of each articulated object's open/close sampler at every hard reset and draws
     from all of them, so without care the placement of a seed depends on how many resets the env has
