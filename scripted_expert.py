@@ -41,31 +41,13 @@ logging.getLogger("robosuite_logs").addFilter(lambda record: "macro" not in reco
 import robosuite.utils.transform_utils as T  # noqa: E402 (after the filter above)
 
 
-def quat2mat(q):
-    x, y, z, w = q
-    return np.array([
-        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
-    ])
-
-
-def mat2axisangle(R):
-    angle = np.arccos(np.clip((np.trace(R) - 1) / 2, -1.0, 1.0))
-    if angle < 1e-6:
-        return np.zeros(3)
-    if angle > np.pi - 1e-4:  # axis from the diagonal near a half turn
-        axis = np.sqrt(np.maximum((np.diag(R) + 1) / 2, 0))
-        i = int(np.argmax(axis))
-        axis = R[:, i] + np.eye(3)[i]
-        return axis / np.linalg.norm(axis) * angle
-    axis = np.array([R[2, 1] - R[1, 2], R[0, 2] - R[2, 0], R[1, 0] - R[0, 1]]) / (2 * np.sin(angle))
-    return axis * angle
-
-
 def rotz(a):
-    c, s = np.cos(a), np.sin(a)
-    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+    return T.euler2mat(np.array([0.0, 0.0, a]))
+
+
+def axisangle(R):
+    """The rotation R as axis * angle, angle in [0, pi]."""
+    return T.quat2axisangle(T.mat2quat(R))
 
 
 # ---------------------------------------------------------------------------------------
@@ -125,7 +107,8 @@ class ScriptedExpert:
         for pred in goals:
             if pred[0] not in self.ORDER:
                 raise UnsupportedGoal(f"the scripted expert cannot do the predicate '{pred[0]}' in goal {list(pred)}")
-        filled = {g[-1] for g in goals if g[0] == "in"}
+        filled = {g[-1] for g in goals if g[0] == "in"}  # a region, and the object it belongs to (microwave_1_heating_region: microwave_1)
+        filled |= {getattr(self.env.object_sites_dict.get(t), "parent_name", t) for t in filled}
         # stable: BDDL order within a kind; a close with nothing to put inside goes first (an open drawer sticks out into the way)
         self.goals = sorted(goals, key=lambda g: -1 if g[0] == "close" and g[-1] not in filled else self.ORDER[g[0]])
         m = self.env.sim.model._model
@@ -422,7 +405,7 @@ class ScriptedExpert:
         across /= np.linalg.norm(across)
         y = np.cross(z, across) if fingers_vertical else across
         cands = [np.column_stack([np.cross(s * y, z), s * y, z]) for s in (1.0, -1.0)]
-        return min(cands, key=lambda Rc: np.linalg.norm(mat2axisangle(Rc @ self.R0.T)))
+        return min(cands, key=lambda Rc: np.linalg.norm(axisangle(Rc @ self.R0.T)))
 
     def _art_done(self):
         return bool(self.env._eval_predicate(list(self.goals[self.goal_idx])))
@@ -495,11 +478,11 @@ class ScriptedExpert:
         pos_err = target_pos - obs["robot0_eef_pos"]
         a = np.zeros(7)
         a[:3] = np.clip(pos_err * self.gain, -max_speed * self.top_speed, max_speed * self.top_speed)
-        R = quat2mat(obs["robot0_eef_quat"])
-        a[3:6] = np.clip(mat2axisangle(R_target @ R.T) * 3.0, -1.0, 1.0)
+        R = T.quat2mat(obs["robot0_eef_quat"])
+        a[3:6] = np.clip(axisangle(R_target @ R.T) * 3.0, -1.0, 1.0)
         a[6] = gripper
         # one error in metres and radians: a phase ends only once the yaw has turned as well
-        return a, max(np.linalg.norm(pos_err), 0.1 * np.linalg.norm(mat2axisangle(R_target @ R.T)))
+        return a, max(np.linalg.norm(pos_err), 0.1 * np.linalg.norm(axisangle(R_target @ R.T)))
 
     def _place_eef_xy(self, obs):
         """Closed loop on the held object: move the gripper so the object's body is over the target."""
@@ -510,7 +493,7 @@ class ScriptedExpert:
     def act(self, obs):
         if self.phase == "plan":
             if not hasattr(self, "R0"):
-                self.R0 = quat2mat(obs["robot0_eef_quat"])
+                self.R0 = T.quat2mat(obs["robot0_eef_quat"])
                 self.wrist0 = obs["robot0_joint_pos"][6]
             target = self.goals[self.goal_idx][-1]
             site = self.env.object_sites_dict.get(target)

@@ -256,27 +256,34 @@ def test_scripted_expert_works_drawers_doors_and_knobs(task, seeds):
     collect_demos._WORKER.clear()
 
 
+def scripted_rollout_watching(task, objects, seed):
+    """One scripted episode through collect_demos' own rollout, and the named objects' positions after
+    every control step, settle steps first: (steps, objects, 3)."""
+    collect_demos._rollout_init(task, "scripted")
+    env = collect_demos._WORKER["env"]
+    bodies = [env.env.obj_body_id[n] for n in objects]
+    path, step = [], env.step
+
+    def watched_step(action):
+        out = step(action)
+        path.append(env.env.sim.data.body_xpos[bodies].copy())
+        return out
+
+    env.step = watched_step
+    ep = collect_demos.rollout_episode(seed)
+    env.close()
+    collect_demos._WORKER.clear()
+    return np.array(path), ep
+
+
 @pytest.mark.slow
 def test_scripted_expert_pushes_a_plate_it_cannot_grasp():
     """libero_goal_5, "push the plate to the front of the stove": the plate is wider than the open
     fingers and too flat to pinch, so it is pushed along the table (it was lifted by its rim and
     dropped before: 0 of 10). It slides, it is not carried: it never rises off the table."""
-    collect_demos._rollout_init("libero_goal_5", "scripted")
-    env = collect_demos._WORKER["env"]
-    plate = env.env.obj_body_id["plate_1"]
-    path = []
-    step = env.step
-
-    def watched_step(action):  # the plate's position after every control step, settle steps first
-        out = step(action)
-        path.append(env.env.sim.data.body_xpos[plate].copy())
-        return out
-
-    env.step = watched_step
-    ep = collect_demos.rollout_episode(0)
-    env.close()
-    collect_demos._WORKER.clear()
-    rest, moving = path[collect_demos.NUM_SETTLE_STEPS - 1], np.array(path[collect_demos.NUM_SETTLE_STEPS:])
+    path, ep = scripted_rollout_watching("libero_goal_5", ["plate_1"], 0)
+    path = path[:, 0]
+    rest, moving = path[collect_demos.NUM_SETTLE_STEPS - 1], path[collect_demos.NUM_SETTLE_STEPS:]
     assert ep["success"] and len(ep["actions"]) <= 150, len(ep["actions"])
     assert np.linalg.norm(moving[-1, :2] - rest[:2]) > 0.15, (rest, moving[-1])
     assert moving[:, 2].max() - rest[2] < 0.015, moving[:, 2].max() - rest[2]
@@ -288,22 +295,8 @@ def test_scripted_expert_lifts_two_pots_by_their_bodies_onto_one_stove():
     too wide for the fingers as a whole (it was pinched at a side panel like a bowl's rim and never
     lifted: 0 of 10), so it is grasped across its body beside them; and the two pots go to two spots
     of the one cook region, not onto each other. Both are carried (they rise), and end apart."""
-    collect_demos._rollout_init("libero_10_8", "scripted")
-    env = collect_demos._WORKER["env"]
-    pots = [env.env.obj_body_id[n] for n in ("moka_pot_1", "moka_pot_2")]
-    path = []
-    step = env.step
-
-    def watched_step(action):
-        out = step(action)
-        path.append(env.env.sim.data.body_xpos[pots].copy())
-        return out
-
-    env.step = watched_step
-    ep = collect_demos.rollout_episode(0)
-    env.close()
-    collect_demos._WORKER.clear()
-    path = np.array(path[collect_demos.NUM_SETTLE_STEPS - 1:])
+    path, ep = scripted_rollout_watching("libero_10_8", ["moka_pot_1", "moka_pot_2"], 0)
+    path = path[collect_demos.NUM_SETTLE_STEPS - 1:]
     assert ep["success"], len(ep["actions"])
     assert (path[:, :, 2].max(0) - path[0, :, 2] > 0.1).all(), path[:, :, 2].max(0) - path[0, :, 2]
     assert np.linalg.norm(path[-1, 0, :2] - path[-1, 1, :2]) > 0.07, path[-1]
