@@ -558,7 +558,10 @@ class ScriptedExpert:
                 else:
                     xy = self.via
             a, err = self._move(obs, np.array([xy[0], xy[1], self.carry_z]), self.R_grasp, 1)
-            if err < 0.01 or self.t_phase > 100:
+            if np.ptp(obs["robot0_gripper_qpos"]) < 0.004 and self.t_phase > 3:  # closed on nothing (a lift that ended early)
+                self.phase, self.t_phase = "regrasp", 0
+                self.obj_last = np.full(3, np.inf)
+            elif err < 0.01 or self.t_phase > 100:
                 self.phase, self.t_phase = "lower", 0
         elif ph == "lower":
             xy = self._place_eef_xy(obs)
