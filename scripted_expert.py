@@ -165,15 +165,15 @@ class ScriptedExpert:
         widths = [np.ptp(xy @ vecs[:, k]) for k in range(2)]
         # candidate grasps: (point, finger closing direction, preference penalty)
         cands = []
+        side_z = max(hi_z - 0.035, lo_z + 0.5 * (hi_z - lo_z))  # fingertips for a grasp across the sides
         for k in range(2):
             if widths[k] < self.GRIPPER_SPAN:  # fingers close across axis k; slide along the other
                 axis, other = vecs[:, k], vecs[:, 1 - k]
                 reach = max(widths[1 - k] / 2 - 0.01, 0.0)
                 for s in np.linspace(-1, 1, 9) * reach:
-                    z = max(hi_z - 0.035, lo_z + 0.5 * (hi_z - lo_z))
-                    cands.append((np.array([*(center_xy + s * other), z]), axis, 0.2 * abs(s) + 0.002 * k))
+                    cands.append((np.array([*(center_xy + s * other), side_z]), axis, 0.2 * abs(s) + 0.002 * k))
         if not cands and hi_z - lo_z > self.TALL:  # tall, and too wide as a whole (a pot with a handle and a spout)
-            cands = self._strip_grasps(obj, center_xy, vecs, max(hi_z - 0.035, lo_z + 0.5 * (hi_z - lo_z)))
+            cands = self._strip_grasps(obj, center_xy, vecs, side_z)
         # too wide to span and too flat to pinch (a plate), with a spot on the table as the target: push it there
         spot = None if cands or target in self.env.obj_body_id else self._site(target)[0]
         self.push = spot is not None and hi_z - lo_z < self.FLAT and abs(spot[2] - lo_z) < self.FLAT  # on its own surface
@@ -478,11 +478,19 @@ class ScriptedExpert:
         pos_err = target_pos - obs["robot0_eef_pos"]
         a = np.zeros(7)
         a[:3] = np.clip(pos_err * self.gain, -max_speed * self.top_speed, max_speed * self.top_speed)
-        R = T.quat2mat(obs["robot0_eef_quat"])
-        a[3:6] = np.clip(axisangle(R_target @ R.T) * 3.0, -1.0, 1.0)
+        rot_err = axisangle(R_target @ T.quat2mat(obs["robot0_eef_quat"]).T)
+        a[3:6] = np.clip(rot_err * 3.0, -1.0, 1.0)
         a[6] = gripper
         # one error in metres and radians: a phase ends only once the yaw has turned as well
-        return a, max(np.linalg.norm(pos_err), 0.1 * np.linalg.norm(axisangle(R_target @ R.T)))
+        return a, max(np.linalg.norm(pos_err), 0.1 * np.linalg.norm(rot_err))
+
+    def _closed_on_nothing(self, obs):
+        """The fingers shut with nothing between them while lifting or carrying: start a re-grasp."""
+        if np.ptp(obs["robot0_gripper_qpos"]) >= 0.004 or self.t_phase <= 3:
+            return False
+        self.phase, self.t_phase = "regrasp", 0
+        self.obj_last = np.full(3, np.inf)
+        return True
 
     def _place_eef_xy(self, obs):
         """Closed loop on the held object: move the gripper so the object's body is over the target."""
@@ -534,10 +542,7 @@ class ScriptedExpert:
                 self.phase, self.t_phase = "lift", 0
         elif ph == "lift":
             a, err = self._move(obs, np.array([g[0], g[1], self.carry_z]), self.R_grasp, 1)
-            if np.ptp(obs["robot0_gripper_qpos"]) < 0.004 and self.t_phase > 3:  # closed on nothing: try again
-                self.phase, self.t_phase = "regrasp", 0
-                self.obj_last = np.full(3, np.inf)
-            elif obs["robot0_eef_pos"][2] > self.carry_z - 0.03 or self.t_phase > 60:
+            if not self._closed_on_nothing(obs) and (obs["robot0_eef_pos"][2] > self.carry_z - 0.03 or self.t_phase > 60):
                 self.phase, self.t_phase = "carry", 0
         elif ph == "regrasp":  # open and back off until the dropped object is at rest, then re-plan
             a, _ = self._move(obs, np.array([g[0], g[1], g[2] + self.above_dz]), self.R_grasp, -1)
@@ -558,16 +563,13 @@ class ScriptedExpert:
                 else:
                     xy = self.via
             a, err = self._move(obs, np.array([xy[0], xy[1], self.carry_z]), self.R_grasp, 1)
-            if np.ptp(obs["robot0_gripper_qpos"]) < 0.004 and self.t_phase > 3:  # closed on nothing (a lift that ended early)
-                self.phase, self.t_phase = "regrasp", 0
-                self.obj_last = np.full(3, np.inf)
-            elif err < 0.01 or self.t_phase > 100:
+            if not self._closed_on_nothing(obs) and (err < 0.01 or self.t_phase > 100):  # (a lift can end on its height before its own check)
                 self.phase, self.t_phase = "lower", 0
         elif ph == "lower":
             xy = self._place_eef_xy(obs)
             a, err = self._move(obs, np.array([xy[0], xy[1], self.release_z]), self.R_grasp, 1, max_speed=0.5)
             landed = self.t_phase > 8 and self.trail[0][2] - self.trail[-1][2] < 0.002  # standing on something (the closed loop may still creep sideways)
-            if err < 0.008 or stalled or landed or self.t_phase > 50:
+            if err < 0.008 or landed or self.t_phase > 50:  # (landed includes stalled)
                 self.phase, self.t_phase = "release", 0
         elif ph == "release":
             a, _ = self._move(obs, obs["robot0_eef_pos"], self.R_grasp, -1)
