@@ -85,6 +85,9 @@ class ScriptedExpert:
     PRESS_DZ = 0.012  # closed fingers pulling a handle by friction are driven this far into its top
     TALL = 0.06  # an object taller than this and too wide as a whole is grasped across a part of it (a pot's body)
     FINGER_HALF = 0.011  # half a finger's width across the closing direction
+    ELONGATED = 1.5  # a footprint this many times longer than wide is turned to fit an 'in' region
+    SLOT_CLEAR = 0.03  # an object whose footprint comes closer than this to filling an 'in' region is fitted into it
+    HELD_RISE = 0.02  # an object this far above where it rested at the plan is held, however shut the fingers
     SHARE_INSET = 0.025  # objects sharing a target site are spread to this far inside its edges
     FLAT = 0.03  # an object lower than this (a plate) and too wide for the fingers is pushed, not lifted
     PUSH_DZ = -0.01  # pushing fingers aim below the pushed object's bottom: they press its floor down, so it does not ride up onto what it meets
@@ -216,7 +219,7 @@ class ScriptedExpert:
             return float(np.sqrt(out**2 + np.maximum(across - half_across, 0.0) ** 2).min())
 
         grasp, close_dir, _ = max(cands, key=lambda c: min(clearance(c[0], c[1]), 0.03) - c[2])
-        self.R_grasp = self._finger_axis_R(close_dir)
+        self.R_grasp = self.R_place = self._finger_axis_R(close_dir)
         self.grasp = grasp
         self.obj_at_plan = self.d.xpos[self.env.obj_body_id[obj]].copy()
         self.obj_bottom_below_grasp = grasp[2] - lo_z
@@ -229,6 +232,8 @@ class ScriptedExpert:
         else:
             pos, size = self._site(target)
             self.place_xy = pos[:2] + self._share_offset(target, size)
+            if self._pred() == "in":
+                self._fit_slot(obj, target, size, center_xy, vecs, widths)
             parent = target.split("_")[0] + "_" + target.split("_")[1]
             parent_hi = self._points(parent)[:, 2].max() if parent in self.env.obj_body_id else pos[2]
             target_hi = max(parent_hi, pos[2] + size[2])
@@ -236,6 +241,67 @@ class ScriptedExpert:
             surface = pos[2] - size[2] if self.goals and self._pred() == "in" else pos[2]
         self.release_z = surface + 0.015 + self.obj_bottom_below_grasp
         self.carry_z = max(target_hi, hi_z) + 0.06 + self.carry_dz + self.obj_bottom_below_grasp
+
+    def _fit_slot(self, obj, target, size, center_xy, vecs, widths):
+        """An object that nearly fills or overfills an `in` region's footprint as it stands (a book across a
+        caddy's slot, or aslant in its bin) is turned, while carried, to lie along one of the sides of the
+        space the region's walls leave, with its footprint, not its origin, centred in that space (the
+        origin, which LIBERO tests, stays inside the region)."""
+        R = self.env.sim.data.get_site_xmat(target)
+        flat = [i for i in range(3) if abs(R[2, i]) < 0.5]  # the site's horizontal axes
+        if len(flat) != 2:
+            return
+        axes = R[:2, flat].T  # (2, 2): one horizontal axis of the site per row
+        centre, room = self._walled_space(target, R, size, flat)
+        extent = np.abs(axes @ vecs) @ np.asarray(widths)  # the object's footprint along each of the site's axes
+        if np.all(extent <= room - self.SLOT_CLEAR) or max(widths) < self.ELONGATED * min(widths):
+            return  # it fits as it stands, or its footprint is round (a bowl), which turning does not change
+        long_k = int(np.argmax(widths))
+        obj_yaw = np.arctan2(vecs[1, long_k], vecs[0, long_k])
+        grasp_yaw = axisangle(self.R_grasp @ self.R0.T)[2]
+        turns = []
+        for j in range(2):  # the object's long side along the site's axis j, its short side along the other
+            if max(widths) <= room[j] and min(widths) <= room[1 - j]:
+                t = (np.arctan2(axes[j, 1], axes[j, 0]) - obj_yaw + np.pi / 2) % np.pi - np.pi / 2  # the footprint is alike turned by pi
+                turns += [t, t + np.pi, t - np.pi]
+        if not turns:  # it never fits: place it as it is
+            return
+        turn = min(turns, key=lambda t: abs(t) + 10 * max(abs(self.wrist0 - grasp_yaw - t) - 2.0, 0.0))  # wrist inside its range
+        self.R_place = rotz(turn) @ self.R_grasp
+        origin_from_centre = self.d.xpos[self.env.obj_body_id[obj]][:2] - center_xy
+        offset = axes @ (centre + rotz(turn)[:2, :2] @ origin_from_centre - self.place_xy)  # along the site's axes
+        self.place_xy = self.place_xy + axes.T @ np.clip(offset, 0.01 - size[flat], size[flat] - 0.01)  # the origin inside the region
+
+    def _walled_space(self, target, R, size, flat):
+        """World xy centre and widths (along the site's horizontal axes) of the space that the walls of
+        the region's own object leave around the region's centre: a wall is a collision geom of that
+        object rising above the region's floor and beside its middle; without one, the region's edge."""
+        pos = self.env.sim.data.get_site_xpos(target)
+        parent = getattr(self.env.object_sites_dict.get(target), "parent_name", None)
+        lo, hi = np.full(2, -np.inf), np.full(2, np.inf)
+        if parent in self.env.obj_body_id:
+            up = 3 - sum(flat)  # the site's vertical axis
+            floor = -size[up] + 0.02
+            pts, owner = self._body_points(self.env.obj_body_id[parent], with_geoms=True)
+            local = (pts - pos) @ R  # site frame
+            sign = np.sign(R[2, up])  # the vertical axis may point down
+            for g in np.unique(owner):
+                q = local[owner == g]
+                if (sign * q[:, up]).max() < floor:  # part of the floor
+                    continue
+                for a in range(2):
+                    half, half_b = size[flat[a]], size[flat[1 - a]]
+                    qa, qb = q[:, flat[a]], q[:, flat[1 - a]]
+                    if qb.max() < -half_b / 2 or qb.min() > half_b / 2:  # not beside the middle
+                        continue
+                    if -2 * half < qa.max() <= 0:
+                        lo[a] = max(lo[a], qa.max())
+                    elif 0 <= qa.min() < 2 * half:
+                        hi[a] = min(hi[a], qa.min())
+        lo = np.where(np.isfinite(lo), lo, -size[flat])  # no wall on that side: the region's edge
+        hi = np.where(np.isfinite(hi), hi, size[flat])
+        mid = (lo + hi) / 2
+        return pos[:2] + R[:2, flat] @ mid, hi - lo
 
     def _strip_grasps(self, obj, center_xy, vecs, z):
         """Grasps of an object too wide as a whole, across a strip of it the fingers can span: the open
@@ -289,7 +355,7 @@ class ScriptedExpert:
         self.push_radius = np.linalg.norm(pts[:, :2] - center_xy, axis=1).max()
         self.place_xy = place_xy
         self.push_z = pts[:, 2].min() + self.PUSH_DZ
-        self.R_grasp = self._finger_axis_R(place_xy - center_xy)  # the hand's long side along the push
+        self.R_grasp = self.R_place = self._finger_axis_R(place_xy - center_xy)  # the hand's long side along the push
         self.grasp = np.array([*center_xy, self.push_z])
         self.carry_z = pts[:, 2].max() + 0.06
 
@@ -485,8 +551,11 @@ class ScriptedExpert:
         return a, max(np.linalg.norm(pos_err), 0.1 * np.linalg.norm(rot_err))
 
     def _closed_on_nothing(self, obs):
-        """The fingers shut with nothing between them while lifting or carrying: start a re-grasp."""
+        """The fingers shut with nothing between them while lifting or carrying: start a re-grasp. Nearly
+        shut fingers can still hold a bowl's thin rim, so the object must also have stayed down."""
         if np.ptp(obs["robot0_gripper_qpos"]) >= 0.004 or self.t_phase <= 3:
+            return False
+        if self.d.xpos[self.env.obj_body_id[self.goals[self.goal_idx][1]]][2] > self.obj_at_plan[2] + self.HELD_RISE:
             return False
         self.phase, self.t_phase = "regrasp", 0
         self.obj_last = np.full(3, np.inf)
@@ -562,24 +631,24 @@ class ScriptedExpert:
                     self.via = None
                 else:
                     xy = self.via
-            a, err = self._move(obs, np.array([xy[0], xy[1], self.carry_z]), self.R_grasp, 1)
+            a, err = self._move(obs, np.array([xy[0], xy[1], self.carry_z]), self.R_place, 1)
             if not self._closed_on_nothing(obs) and (err < 0.01 or self.t_phase > 100):  # (a lift can end on its height before its own check)
                 self.phase, self.t_phase = "lower", 0
         elif ph == "lower":
             xy = self._place_eef_xy(obs)
-            a, err = self._move(obs, np.array([xy[0], xy[1], self.release_z]), self.R_grasp, 1, max_speed=0.5)
+            a, err = self._move(obs, np.array([xy[0], xy[1], self.release_z]), self.R_place, 1, max_speed=0.5)
             landed = self.t_phase > 8 and self.trail[0][2] - self.trail[-1][2] < 0.002  # standing on something (the closed loop may still creep sideways)
             if err < 0.008 or landed or self.t_phase > 50:  # (landed includes stalled)
                 self.phase, self.t_phase = "release", 0
         elif ph == "release":
-            a, _ = self._move(obs, obs["robot0_eef_pos"], self.R_grasp, -1)
+            a, _ = self._move(obs, obs["robot0_eef_pos"], self.R_place, -1)
             a[:3] = 0
             if self.t_phase > 8:
                 self.phase, self.t_phase = "retreat", 0
         else:  # retreat, then the next sub-goal
             up = obs["robot0_eef_pos"].copy()
             up[2] = self.carry_z + 0.05
-            a, err = self._move(obs, up, self.R_grasp, -1)
+            a, err = self._move(obs, up, self.R_place, -1)
             if (err < 0.02 or self.t_phase > 30) and self.goal_idx + 1 < len(self.goals):
                 self.goal_idx, self.phase = self.goal_idx + 1, "plan"
         return np.clip(a, -1, 1)

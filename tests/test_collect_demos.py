@@ -256,24 +256,26 @@ def test_scripted_expert_works_drawers_doors_and_knobs(task, seeds):
     collect_demos._WORKER.clear()
 
 
-def scripted_rollout_watching(task, objects, seed):
+def scripted_rollout_watching(task, objects, seed, with_rotations=False):
     """One scripted episode through collect_demos' own rollout, and the named objects' positions after
-    every control step, settle steps first: (steps, objects, 3)."""
+    every control step, settle steps first: (steps, objects, 3); with_rotations, also their rotation
+    matrices (steps, objects, 3, 3)."""
     collect_demos._rollout_init(task, "scripted")
     env = collect_demos._WORKER["env"]
     bodies = [env.env.obj_body_id[n] for n in objects]
-    path, step = [], env.step
+    path, rotations, step = [], [], env.step
 
     def watched_step(action):
         out = step(action)
         path.append(env.env.sim.data.body_xpos[bodies].copy())
+        rotations.append(env.env.sim.data.body_xmat[bodies].reshape(-1, 3, 3).copy())
         return out
 
     env.step = watched_step
     ep = collect_demos.rollout_episode(seed)
     env.close()
     collect_demos._WORKER.clear()
-    return np.array(path), ep
+    return (np.array(path), np.array(rotations), ep) if with_rotations else (np.array(path), ep)
 
 
 @pytest.mark.slow
@@ -300,6 +302,21 @@ def test_scripted_expert_lifts_two_pots_by_their_bodies_onto_one_stove():
     assert ep["success"], len(ep["actions"])
     assert (path[:, :, 2].max(0) - path[0, :, 2] > 0.1).all(), path[:, :, 2].max(0) - path[0, :, 2]
     assert np.linalg.norm(path[-1, 0, :2] - path[-1, 1, :2]) > 0.07, path[-1]
+
+
+@pytest.mark.slow
+def test_scripted_expert_turns_a_book_to_fit_the_caddy_slot():
+    """libero_90_73, "place the book in the front compartment of the caddy": the book stands 11 cm wide
+    across a 5.7 cm slot when picked up, so it is turned while carried to lie along the slot, and its
+    footprint centred between the walls (it was set down across them before: 0 of 2 placements). The
+    caddy stands at a fixed yaw (its BDDL region), with its slots along the world's y axis."""
+    _, rotations, ep = scripted_rollout_watching("libero_90_73", ["black_book_1"], 0, with_rotations=True)
+    assert ep["success"], len(ep["actions"])
+    long_side = rotations[:, 0, :, 1]  # the book box's 11 cm side is its body's y axis
+    start, end = long_side[collect_demos.NUM_SETTLE_STEPS - 1], long_side[-1]
+    assert abs(end[1]) > np.cos(np.radians(15)), end  # along the slot
+    assert abs(start[1]) < np.cos(np.radians(30)), start  # it was not, as it stood
+    assert rotations[-1, 0, 2, 2] > np.cos(np.radians(15)), rotations[-1, 0]  # standing upright in it
 
 
 @pytest.mark.slow
