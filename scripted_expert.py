@@ -233,7 +233,7 @@ class ScriptedExpert:
             pos, size = self._site(target)
             self.place_xy = pos[:2] + self._share_offset(target, size)
             if self._pred() == "in":
-                self._fit_slot(obj, target, size, center_xy, vecs, widths)
+                self._fit_slot(obj, target, pos, size, center_xy, vecs, widths)
             parent = target.split("_")[0] + "_" + target.split("_")[1]
             parent_hi = self._points(parent)[:, 2].max() if parent in self.env.obj_body_id else pos[2]
             target_hi = max(parent_hi, pos[2] + size[2])
@@ -242,7 +242,7 @@ class ScriptedExpert:
         self.release_z = surface + 0.015 + self.obj_bottom_below_grasp
         self.carry_z = max(target_hi, hi_z) + 0.06 + self.carry_dz + self.obj_bottom_below_grasp
 
-    def _fit_slot(self, obj, target, size, center_xy, vecs, widths):
+    def _fit_slot(self, obj, target, pos, size, center_xy, vecs, widths):
         """An object that nearly fills or overfills an `in` region's footprint as it stands (a book across a
         caddy's slot, or aslant in its bin) is turned, while carried, to lie along one of the sides of the
         space the region's walls leave, with its footprint, not its origin, centred in that space (the
@@ -252,7 +252,7 @@ class ScriptedExpert:
         if len(flat) != 2:
             return
         axes = R[:2, flat].T  # (2, 2): one horizontal axis of the site per row
-        centre, room = self._walled_space(target, R, size, flat)
+        centre, room = self._walled_space(target, pos, R, size, flat)
         extent = np.abs(axes @ vecs) @ np.asarray(widths)  # the object's footprint along each of the site's axes
         if np.all(extent <= room - self.SLOT_CLEAR) or max(widths) < self.ELONGATED * min(widths):
             return  # it fits as it stands, or its footprint is round (a bowl), which turning does not change
@@ -266,17 +266,16 @@ class ScriptedExpert:
                 turns += [t, t + np.pi, t - np.pi]
         if not turns:  # it never fits: place it as it is
             return
-        turn = min(turns, key=lambda t: abs(t) + 10 * max(abs(self.wrist0 - grasp_yaw - t) - 2.0, 0.0))  # wrist inside its range
+        turn = min(turns, key=lambda t: abs(t) + self._wrist_penalty(grasp_yaw + t))
         self.R_place = rotz(turn) @ self.R_grasp
         origin_from_centre = self.d.xpos[self.env.obj_body_id[obj]][:2] - center_xy
-        offset = axes @ (centre + rotz(turn)[:2, :2] @ origin_from_centre - self.place_xy)  # along the site's axes
-        self.place_xy = self.place_xy + axes.T @ np.clip(offset, 0.01 - size[flat], size[flat] - 0.01)  # the origin inside the region
+        offset = axes @ (centre + rotz(turn)[:2, :2] @ origin_from_centre - pos[:2])  # along the site's axes
+        self.place_xy = pos[:2] + axes.T @ np.clip(offset, 0.01 - size[flat], size[flat] - 0.01)  # the origin inside the region
 
-    def _walled_space(self, target, R, size, flat):
+    def _walled_space(self, target, pos, R, size, flat):
         """World xy centre and widths (along the site's horizontal axes) of the space that the walls of
         the region's own object leave around the region's centre: a wall is a collision geom of that
         object rising above the region's floor and beside its middle; without one, the region's edge."""
-        pos = self.env.sim.data.get_site_xpos(target)
         parent = getattr(self.env.object_sites_dict.get(target), "parent_name", None)
         lo, hi = np.full(2, -np.inf), np.full(2, np.inf)
         if parent in self.env.obj_body_id:
@@ -344,8 +343,13 @@ class ScriptedExpert:
         joint (which turns by about -yaw, limit +-2.9 rad) well inside its range."""
         yaw = np.arctan2(direction[1], direction[0]) - np.pi / 2
         yaw = (yaw + np.pi / 2) % np.pi - np.pi / 2
-        yaw = min((yaw, yaw + np.pi, yaw - np.pi), key=lambda y: abs(y) + 10 * max(abs(self.wrist0 - y) - 2.0, 0.0))
+        yaw = min((yaw, yaw + np.pi, yaw - np.pi), key=lambda y: abs(y) + self._wrist_penalty(y))
         return rotz(yaw) @ self.R0
+
+    def _wrist_penalty(self, yaw):
+        """Cost of a hand turned by `yaw` from R0: the wrist joint ends near wrist0 - yaw, kept 0.9 rad
+        inside its +-2.9 rad limit."""
+        return 10 * max(abs(self.wrist0 - yaw) - 2.0, 0.0)
 
     def _plan_push(self, pts, center_xy, place_xy):
         """A flat object too wide to grasp (a plate) is pushed across the table: the closed fingers go
