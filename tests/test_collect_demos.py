@@ -256,10 +256,10 @@ def test_scripted_expert_works_drawers_doors_and_knobs(task, seeds):
     collect_demos._WORKER.clear()
 
 
-def scripted_rollout_watching(task, objects, seed, with_rotations=False):
+def scripted_rollout_watching(task, objects, seed):
     """One scripted episode through collect_demos' own rollout, and the named objects' positions after
-    every control step, settle steps first: (steps, objects, 3); with_rotations, also their rotation
-    matrices (steps, objects, 3, 3)."""
+    every control step, settle steps first: (steps, objects, 3), their rotation matrices (steps, objects,
+    3, 3) and the episode."""
     collect_demos._rollout_init(task, "scripted")
     env = collect_demos._WORKER["env"]
     bodies = [env.env.obj_body_id[n] for n in objects]
@@ -275,7 +275,7 @@ def scripted_rollout_watching(task, objects, seed, with_rotations=False):
     ep = collect_demos.rollout_episode(seed)
     env.close()
     collect_demos._WORKER.clear()
-    return (np.array(path), np.array(rotations), ep) if with_rotations else (np.array(path), ep)
+    return np.array(path), np.array(rotations), ep
 
 
 @pytest.mark.slow
@@ -283,7 +283,7 @@ def test_scripted_expert_pushes_a_plate_it_cannot_grasp():
     """libero_goal_5, "push the plate to the front of the stove": the plate is wider than the open
     fingers and too flat to pinch, so it is pushed along the table (it was lifted by its rim and
     dropped before: 0 of 10). It slides, it is not carried: it never rises off the table."""
-    path, ep = scripted_rollout_watching("libero_goal_5", ["plate_1"], 0)
+    path, _, ep = scripted_rollout_watching("libero_goal_5", ["plate_1"], 0)
     path = path[:, 0]
     rest, moving = path[collect_demos.NUM_SETTLE_STEPS - 1], path[collect_demos.NUM_SETTLE_STEPS:]
     assert ep["success"] and len(ep["actions"]) <= 150, len(ep["actions"])
@@ -297,7 +297,7 @@ def test_scripted_expert_lifts_two_pots_by_their_bodies_onto_one_stove():
     too wide for the fingers as a whole (it was pinched at a side panel like a bowl's rim and never
     lifted: 0 of 10), so it is grasped across its body beside them; and the two pots go to two spots
     of the one cook region, not onto each other. Both are carried (they rise), and end apart."""
-    path, ep = scripted_rollout_watching("libero_10_8", ["moka_pot_1", "moka_pot_2"], 0)
+    path, _, ep = scripted_rollout_watching("libero_10_8", ["moka_pot_1", "moka_pot_2"], 0)
     path = path[collect_demos.NUM_SETTLE_STEPS - 1:]
     assert ep["success"], len(ep["actions"])
     assert (path[:, :, 2].max(0) - path[0, :, 2] > 0.1).all(), path[:, :, 2].max(0) - path[0, :, 2]
@@ -310,7 +310,7 @@ def test_scripted_expert_turns_a_book_to_fit_the_caddy_slot():
     across a 5.7 cm slot when picked up, so it is turned while carried to lie along the slot, and its
     footprint centred between the walls (it was set down across them before: 0 of 2 placements). The
     caddy stands at a fixed yaw (its BDDL region), with its slots along the world's y axis."""
-    _, rotations, ep = scripted_rollout_watching("libero_90_73", ["black_book_1"], 0, with_rotations=True)
+    _, rotations, ep = scripted_rollout_watching("libero_90_73", ["black_book_1"], 0)
     assert ep["success"], len(ep["actions"])
     long_side = rotations[:, 0, :, 1]  # the book box's 11 cm side is its body's y axis
     start, end = long_side[collect_demos.NUM_SETTLE_STEPS - 1], long_side[-1]
