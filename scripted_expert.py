@@ -93,6 +93,8 @@ class ScriptedExpert:
     PUSH_DZ = -0.01  # pushing fingers aim below the pushed object's bottom: they press its floor down, so it does not ride up onto what it meets
     PUSH_INSET = 0.025  # and at this far inside its front rim
     PUSH_LEAD = 0.05  # plus this much further on, so they keep pressing
+    TURN_COST = 0.01  # preference per radian of hand turn, when a grasp is planned again on the way (a settling bowl)
+    SLOW_ABOVE = 0.06  # lowering to the release height slows down within this much of it
     ORDER = {"open": 0, "turnon": 0, "turnoff": 0, "on": 1, "in": 1, "close": 2}
 
     def __init__(self, env, variety=0.0, rng=None):
@@ -156,8 +158,9 @@ class ScriptedExpert:
         size = np.asarray(getattr(site, "size", [0.02, 0.02, 0.01]), dtype=np.float64)
         return pos, size
 
-    def _plan_goal(self, obs):
-        """Grasp pose for the object and place pose over the target, from the current state."""
+    def _plan_goal(self, obs, keep_R=None):
+        """Grasp pose for the object and place pose over the target, from the current state. When planning
+        again on the way (keep_R: the hand's planned orientation), a grasp that turns the hand less wins ties."""
         _, obj, target = self.goals[self.goal_idx]
         pts = self._points(obj)
         center_xy = (pts[:, :2].min(0) + pts[:, :2].max(0)) / 2
@@ -218,7 +221,10 @@ class ScriptedExpert:
             out = np.maximum(np.abs(along) - half_along, 0.0)
             return float(np.sqrt(out**2 + np.maximum(across - half_across, 0.0) ** 2).min())
 
-        grasp, close_dir, _ = max(cands, key=lambda c: min(clearance(c[0], c[1]), 0.03) - c[2])
+        def turn(u):  # radians between a candidate's hand orientation and keep_R
+            return 0.0 if keep_R is None else float(np.linalg.norm(axisangle(self._finger_axis_R(u) @ keep_R.T)))
+
+        grasp, close_dir, _ = max(cands, key=lambda c: min(clearance(c[0], c[1]), 0.03) - c[2] - self.TURN_COST * turn(c[1]))
         self.R_grasp = self.R_place = self._finger_axis_R(close_dir)
         self.grasp = grasp
         self.obj_at_plan = self.d.xpos[self.env.obj_body_id[obj]].copy()
@@ -603,7 +609,7 @@ class ScriptedExpert:
                 if np.linalg.norm(self.d.xpos[self.env.obj_body_id[obj]] - self.obj_at_plan) > 0.003 and self.replans < 2:
                     # the object moved since the plan (one placed on another can still be settling): plan
                     # again from here and come above the new grasp first
-                    self._plan_goal(obs)
+                    self._plan_goal(obs, keep_R=self.R_grasp)
                     self.phase, self.replans = "above", self.replans + 1
         elif ph == "descend":
             a, err = self._move(obs, g, self.R_grasp, -1, max_speed=0.5)
@@ -640,7 +646,8 @@ class ScriptedExpert:
                 self.phase, self.t_phase = "lower", 0
         elif ph == "lower":
             xy = self._place_eef_xy(obs)
-            a, err = self._move(obs, np.array([xy[0], xy[1], self.release_z]), self.R_place, 1, max_speed=0.5)
+            slow = obs["robot0_eef_pos"][2] < self.release_z + self.SLOW_ABOVE  # full speed down to there (off a cabinet)
+            a, err = self._move(obs, np.array([xy[0], xy[1], self.release_z]), self.R_place, 1, max_speed=0.5 if slow else 1.0)
             landed = self.t_phase > 8 and self.trail[0][2] - self.trail[-1][2] < 0.002  # standing on something (the closed loop may still creep sideways)
             if err < 0.008 or landed or self.t_phase > 50:  # (landed includes stalled)
                 self.phase, self.t_phase = "release", 0
