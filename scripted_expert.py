@@ -22,7 +22,8 @@ task. It reads the goal (`parsed_problem["goal_state"]`) and works through its p
                  with the hand pointing down and leaning in: pulled by closed fingers pressed on the
                  handle's top, pushed by their tips.
 Closing what nothing is put into comes first, then opening and switching, then the placements,
-then the remaining closing; an `In` into a closed drawer opens it first. Success per task from
+then the remaining closing; an `In` into a closed drawer opens it first, and what is to go into a
+drawer but stands where the drawer opens is first set aside. Success per task from
 fresh placements: docs/results/scripted_expert.json (`python collect_demos.py --scripted-table ...`).
 
     expert = ScriptedExpert(env)          # a LIBERO ControlEnv after reset and the settle steps
@@ -93,6 +94,7 @@ class ScriptedExpert:
     PUSH_DZ = -0.01  # pushing fingers aim below the pushed object's bottom: they press its floor down, so it does not ride up onto what it meets
     PUSH_INSET = 0.025  # and at this far inside its front rim
     PUSH_LEAD = 0.05  # plus this much further on, so they keep pressing
+    STAGE_CLEAR = 0.06  # an object this close to where a drawer will be once open is first set aside this far from it
     TURN_COST = 0.01  # preference per radian of hand turn, when a grasp is planned again on the way (a settling bowl)
     SLOW_ABOVE = 0.06  # lowering to the release height slows down within this much of it
     ORDER = {"open": 0, "turnon": 0, "turnoff": 0, "on": 1, "in": 1, "close": 2}
@@ -120,6 +122,7 @@ class ScriptedExpert:
         self.m, self.d = m, self.env.sim.data._data
         self.goal_idx, self.phase, self.t_phase = 0, "plan", 0
         self.art_tries = {}  # goal index -> articulated attempts so far
+        self.staged = set()  # drawers whose contents-to-be were checked for being in the drawer's way
         self.spread_axis = {}  # target site -> the axis along which the objects sharing it are spread
 
     # -- geometry of bodies and sites ----------------------------------------------------
@@ -152,6 +155,46 @@ class ScriptedExpert:
             return (d.xpos[root][None].copy(), np.array([-1])) if with_geoms else d.xpos[root][None].copy()
         return (np.concatenate(pts), np.concatenate(owner)) if with_geoms else np.concatenate(pts)
 
+    def _drawer_sweep(self, region):
+        """xy box (lo, hi) that a drawer's moving part covers from where it is to fully open, or None
+        for a door or a knob."""
+        joint, parent = articulated_joint(self.env, region)
+        jid = self.m.joint(joint).id
+        if self.m.jnt_type[jid] != 2:
+            return None
+        ranges = self.env.get_object(parent).object_properties["articulation"]
+        q_open = max(ranges["default_open_ranges"], key=lambda g: abs(g - np.mean(ranges["default_close_ranges"])))
+        pts = self._body_points(int(self.m.jnt_bodyid[jid]))
+        travel = self.d.xaxis[jid] * (q_open - self.d.qpos[self.m.jnt_qposadr[jid]])
+        xy = np.concatenate([pts, pts + travel])[:, :2]
+        return xy.min(0), xy.max(0)
+
+    @staticmethod
+    def _box_gap(lo, hi, box):
+        """Horizontal distance between the xy box (lo, hi) and box = (lo, hi); 0 where they overlap."""
+        return float(np.linalg.norm(np.maximum(np.maximum(box[0] - hi, lo - box[1]), 0.0)))
+
+    def _stage_spot(self, obj, box):
+        """Where to set `obj` down on its own surface so that its footprint keeps STAGE_CLEAR from the
+        drawer's sweep `box` and 3 cm from every other object: the nearest such spot (of 16 directions
+        and 8-20 cm), the clearest of equals; None if there is none."""
+        pts = self._points(obj)
+        lo, hi = pts[:, :2].min(0), pts[:, :2].max(0)
+        others = np.concatenate([self._points(n) for n in self.env.obj_body_id if n != obj])
+        others = others[others[:, 2] > pts[:, 2].min() + 0.005][:, :2]  # what stands on the table, not the table
+        for dist in (0.08, 0.12, 0.16, 0.20):
+            best, best_gap = None, 0.03
+            for ang in np.linspace(0, 2 * np.pi, 16, endpoint=False):
+                off = dist * np.array([np.cos(ang), np.sin(ang)])
+                if self._box_gap(lo + off, hi + off, box) < self.STAGE_CLEAR:
+                    continue
+                gap = np.linalg.norm(np.maximum(np.maximum(lo + off - others, others - hi - off), 0.0), axis=1).min()
+                if gap >= best_gap:
+                    best, best_gap = off, gap
+            if best is not None:
+                return self.d.xpos[self.env.obj_body_id[obj]][:2] + best
+        return None
+
     def _site(self, name):
         site = self.env.object_sites_dict[name]
         pos = self.env.sim.data.get_site_xpos(name).copy()
@@ -181,7 +224,8 @@ class ScriptedExpert:
         if not cands and hi_z - lo_z > self.TALL:  # tall, and too wide as a whole (a pot with a handle and a spout)
             cands = self._strip_grasps(obj, center_xy, vecs, side_z)
         # too wide to span and too flat to pinch (a plate), with a spot on the table as the target: push it there
-        spot = None if cands or target in self.env.obj_body_id else self._site(target)[0]
+        stage = self._pred() == "stage"
+        spot = None if cands or stage or target in self.env.obj_body_id else self._site(target)[0]
         self.push = spot is not None and hi_z - lo_z < self.FLAT and abs(spot[2] - lo_z) < self.FLAT  # on its own surface
         if self.push:
             self._plan_push(pts, center_xy, spot[:2])
@@ -229,8 +273,10 @@ class ScriptedExpert:
         self.grasp = grasp
         self.obj_at_plan = self.d.xpos[self.env.obj_body_id[obj]].copy()
         self.obj_bottom_below_grasp = grasp[2] - lo_z
-        # target: a body (plate, bowl) or a region site (basket_1_contain_region, stove...)
-        if target in self.env.obj_body_id:
+        # target: a spot on the object's own surface (set aside), a body (plate, bowl) or a region site (basket_1_contain_region, stove...)
+        if stage:
+            self.place_xy, surface, target_hi = self.stage_xy, lo_z, lo_z
+        elif target in self.env.obj_body_id:
             tp = self._points(target)
             self.place_xy = self.env.sim.data.body_xpos[self.env.obj_body_id[target]][:2].copy()
             surface = tp[:, 2].max()
@@ -586,6 +632,20 @@ class ScriptedExpert:
             site = self.env.object_sites_dict.get(target)
             if self._pred() == "in" and getattr(site, "joints", None) and not self.env._eval_predicate(["open", target]):
                 self.goals.insert(self.goal_idx, ("open", target))  # a closed drawer is opened first
+            if self._pred() == "open" and target not in self.staged:
+                # what goes into the drawer but stands where the open drawer will be (under or against it, where the
+                # hand cannot reach it past the drawer) is first set aside
+                self.staged.add(target)
+                box = self._drawer_sweep(target)
+                for g in self.goals[self.goal_idx + 1:]:
+                    if box is not None and g[0] == "in" and g[2] == target:
+                        pts = self._points(g[1])
+                        if self._box_gap(pts[:, :2].min(0), pts[:, :2].max(0), box) < self.STAGE_CLEAR:
+                            spot = self._stage_spot(g[1], box)
+                            if spot is not None:
+                                self.stage_xy = spot
+                                self.goals.insert(self.goal_idx, ("stage", g[1], target))
+                        break
             if self._pred() in self.ART_RANGES:
                 self._plan_articulated(obs)
                 self.phase, self.t_phase = "art_high", 0

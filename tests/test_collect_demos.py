@@ -320,6 +320,21 @@ def test_scripted_expert_turns_a_book_to_fit_the_caddy_slot():
 
 
 @pytest.mark.slow
+def test_scripted_expert_sets_aside_a_bowl_that_stands_where_the_drawer_opens():
+    """libero_90_8, "open the top drawer of the cabinet and put the bowl in it": at placement 0 the bowl
+    stands where the open drawer will be, and with the drawer open the hand could not get down to it
+    (it closed on nothing until the episode ran out). It is first set down clear of the drawer's path,
+    on the table, then the drawer is opened and the bowl put inside."""
+    path, _, ep = scripted_rollout_watching("libero_90_8", ["akita_black_bowl_1"], 0)
+    path = path[collect_demos.NUM_SETTLE_STEPS - 1:, 0]
+    assert ep["success"], len(ep["actions"])
+    on_table = np.abs(path[:, 2] - path[0, 2]) < 0.005
+    aside = on_table & (np.linalg.norm(path[:, :2] - path[0, :2], axis=1) > 0.07)
+    assert aside.any(), np.linalg.norm(path[:, :2] - path[0, :2], axis=1).max()
+    assert path[-1, 2] - path[0, 2] > 0.05, path[-1]  # then lifted into the drawer, well above the table
+
+
+@pytest.mark.slow
 def test_a_seed_gives_the_same_placement_whatever_came_before():
     """LIBERO adds a copy of each articulated object's open/close sampler at every hard reset and draws
     from all of them, so without care the placement of a seed depends on how many resets the env has
