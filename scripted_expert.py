@@ -503,7 +503,10 @@ class ScriptedExpert:
         self.art["press"] = press = slide and pull and not upright and (low or tries > 1)
         if low or press:  # the hand points down, leaning into the part: against the pull, along the push
             w = (-v if pull else v) * np.sin(self.LEAN) + np.array([0.0, 0.0, -np.cos(self.LEAN)])
-            self.R_art = self._level_R(w, fingers_vertical=False)
+            # closed fingers push with either finger direction: take the one nearer the hand as it is (after a
+            # placement the hand is turned; the start's put the wrist, joint 6, on its limit in libero_10_3)
+            hand = None if pull else T.quat2mat(obs["robot0_eef_quat"])
+            self.R_art = self._level_R(w, fingers_vertical=False, ref=hand)
             self.art["start"] = np.array([*p[:2], handle[:, 2].max() + 0.004]) if press else p - v * 0.03
         elif slide or pull:  # the hand points into the part: against the pull, along the push
             w = -v if pull else v
@@ -519,15 +522,17 @@ class ScriptedExpert:
         # come in from above the whole object (an open drawer or door sticks out into the way)
         self.art["high"] = np.array([*self.art["approach"][:2], max(self.art["approach"][2], whole[:, 2].max() + 0.05)])
 
-    def _level_R(self, w, fingers_vertical):
+    def _level_R(self, w, fingers_vertical, ref=None):
         """Hand orientation pointing along `w` (level, or tilted down), fingers closing in the vertical
-        plane through `w` or level across it; of the two finger directions, the one nearer the start's."""
+        plane through `w` or level across it; of the two finger directions, the one nearer the start's
+        (or nearer `ref`)."""
         z = w / np.linalg.norm(w)
         across = np.cross([0.0, 0.0, 1.0], z)
         across /= np.linalg.norm(across)
         y = np.cross(z, across) if fingers_vertical else across
         cands = [np.column_stack([np.cross(s * y, z), s * y, z]) for s in (1.0, -1.0)]
-        return min(cands, key=lambda Rc: np.linalg.norm(axisangle(Rc @ self.R0.T)))
+        ref = self.R0 if ref is None else ref
+        return min(cands, key=lambda Rc: np.linalg.norm(axisangle(Rc @ ref.T)))
 
     def _art_done(self):
         return bool(self.env._eval_predicate(list(self.goals[self.goal_idx])))
