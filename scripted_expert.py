@@ -195,6 +195,20 @@ class ScriptedExpert:
                 return self.d.xpos[self.env.obj_body_id[obj]][:2] + best
         return None
 
+    def _set_aside_first(self, region):
+        """Before drawer `region` is opened: what is to go into it but stands where the open drawer will be
+        (under or against it, where the hand cannot get down to it past the drawer) is first set aside."""
+        box = self._drawer_sweep(region)
+        inside = [g[1] for g in self.goals[self.goal_idx + 1:] if g[0] == "in" and g[2] == region]
+        if box is None or not inside:
+            return
+        pts = self._points(inside[0])
+        if self._box_gap(pts[:, :2].min(0), pts[:, :2].max(0), box) < self.STAGE_CLEAR:
+            spot = self._stage_spot(inside[0], box)
+            if spot is not None:
+                self.stage_xy = spot
+                self.goals.insert(self.goal_idx, ("stage", inside[0], region))
+
     def _site(self, name):
         site = self.env.object_sites_dict[name]
         pos = self.env.sim.data.get_site_xpos(name).copy()
@@ -638,19 +652,8 @@ class ScriptedExpert:
             if self._pred() == "in" and getattr(site, "joints", None) and not self.env._eval_predicate(["open", target]):
                 self.goals.insert(self.goal_idx, ("open", target))  # a closed drawer is opened first
             if self._pred() == "open" and target not in self.staged:
-                # what goes into the drawer but stands where the open drawer will be (under or against it, where the
-                # hand cannot reach it past the drawer) is first set aside
                 self.staged.add(target)
-                box = self._drawer_sweep(target)
-                for g in self.goals[self.goal_idx + 1:]:
-                    if box is not None and g[0] == "in" and g[2] == target:
-                        pts = self._points(g[1])
-                        if self._box_gap(pts[:, :2].min(0), pts[:, :2].max(0), box) < self.STAGE_CLEAR:
-                            spot = self._stage_spot(g[1], box)
-                            if spot is not None:
-                                self.stage_xy = spot
-                                self.goals.insert(self.goal_idx, ("stage", g[1], target))
-                        break
+                self._set_aside_first(target)
             if self._pred() in self.ART_RANGES:
                 self._plan_articulated(obs)
                 self.phase, self.t_phase = "art_high", 0
