@@ -155,6 +155,10 @@ class ScriptedExpert:
             return (d.xpos[root][None].copy(), np.array([-1])) if with_geoms else d.xpos[root][None].copy()
         return (np.concatenate(pts), np.concatenate(owner)) if with_geoms else np.concatenate(pts)
 
+    def _others_points(self, obj):
+        """Collision-geometry points of every object but `obj`."""
+        return np.concatenate([self._points(n) for n in self.env.obj_body_id if n != obj])
+
     def _drawer_sweep(self, region):
         """xy box (lo, hi) that a drawer's moving part covers from where it is to fully open, or None
         for a door or a knob."""
@@ -180,7 +184,7 @@ class ScriptedExpert:
         and 8-20 cm), the clearest of equals; None if there is none."""
         pts = self._points(obj)
         lo, hi = pts[:, :2].min(0), pts[:, :2].max(0)
-        others = np.concatenate([self._points(n) for n in self.env.obj_body_id if n != obj])
+        others = self._others_points(obj)
         others = others[others[:, 2] > pts[:, 2].min() + 0.005][:, :2]  # what stands on the table, not the table
         for dist in (0.08, 0.12, 0.16, 0.20):
             best, best_gap = None, 0.03
@@ -265,7 +269,7 @@ class ScriptedExpert:
                 pen = 0.005 * (1 + u[0])  # u = (-1, 0) points at the robot base
                 cands.append((np.array([*rim_xy, rim_top - 0.02]), u, pen))
         # keep the open fingers (and the hand above them) clear of every other body
-        others = np.concatenate([self._points(n) for n in self.env.obj_body_id if n != obj])
+        others = self._others_points(obj)
 
         def clearance(point, u):
             p = others[others[:, 2] > point[2] - 0.015]
