@@ -24,7 +24,8 @@ Writes, under --out-dir:
 With --compare: --results-path (the table's JSON) and a .png beside it.
 
 Resuming: run the same command again. Finished stages are skipped (stages.json, and their outputs
-still on disk); an interrupted expert continues from its last.pt; the rest restart.
+still on disk); an interrupted expert continues from its last.pt, an interrupted VLA from its vla.pt
+(when it trained on the same demos), the evaluation from its results file; the rest restart.
 
 Scheduling: each stage asks Ray for the CPUs it uses (--cpus-per-stage env workers, capped at the
 largest node's CPUs) and, where the cluster has GPUs, for --expert-gpu-fraction of one (experts) or
@@ -188,6 +189,17 @@ def demos_figures(path):
         kept = int(f["data"].attrs["num_demos"])
     rate = metrics.get("success_rate")
     return dict(kept=kept, tried=round(kept / rate) if rate else None, metrics=metrics)
+
+
+def unfinished_vla(runs_dir, demos_paths):
+    """The newest vla.pt under runs_dir that stopped short of its --num-steps and trained on exactly
+    these demos files (as its summary.json, written with each checkpoint, says), or None."""
+    for path in sorted(glob.glob(os.path.join(runs_dir, "*", "vla.pt")), key=os.path.getmtime, reverse=True):
+        summary = read_json(os.path.join(os.path.dirname(path), "summary.json"), {})
+        if (summary.get("demos_paths") == [os.path.abspath(p) for p in demos_paths]
+                and summary.get("steps", 0) < summary.get("num_steps", 0)):
+            return path
+    return None
 
 
 def expert_run_dir(task_dir):
@@ -629,10 +641,14 @@ if __name__ == "__main__":
             checkpoint = vla_state.get("checkpoint")
             if ok and not (checkpoint and os.path.isfile(checkpoint) and vla_state.get("tasks") == ok):
                 out = os.path.join(vla_dir, "runs")
-                cmd = [sys.executable, os.path.join(HERE, "train_vla.py"), "--demos-paths",
-                       *[demos_path(args, t) for t in ok], "--image-size", str(args.image_size), "--seed", str(args.seed),
-                       "--exp-name", "vla", "--out-dir", out, *shlex.split(args.vla_args)]
-                print(f"vla train: queued on {len(ok)} tasks", flush=True)
+                demos = [demos_path(args, t) for t in ok]
+                cmd = [sys.executable, os.path.join(HERE, "train_vla.py"), "--demos-paths", *demos, "--image-size",
+                       str(args.image_size), "--seed", str(args.seed), "--exp-name", "vla", "--out-dir", out,
+                       *shlex.split(args.vla_args)]
+                unfinished = unfinished_vla(out, demos)
+                cmd += ["--resume", unfinished] if unfinished else []
+                earlier = read_json(os.path.join(os.path.dirname(unfinished), "summary.json"))["wall_time"] if unfinished else 0
+                print(f"vla train: queued on {len(ok)} tasks" + (f" (resuming {unfinished})" if unfinished else ""), flush=True)
                 ref = remote_stage.options(num_cpus=node_cpus, num_gpus=1 if has_gpu else 0).remote(
                     cmd, os.path.join(vla_dir, "logs", "train.log"))
                 rc, seconds = ray.get(ref)
@@ -644,7 +660,7 @@ if __name__ == "__main__":
                     checkpoint = found[-1]
                     if os.path.isfile(results := os.path.join(vla_dir, "eval.json")):  # an earlier VLA's scores
                         os.remove(results)
-                    vla_state = dict(checkpoint=checkpoint, tasks=ok, train_minutes=seconds / 60)
+                    vla_state = dict(checkpoint=checkpoint, tasks=ok, train_minutes=(earlier + seconds) / 60)  # with the part before a resume
                     write_json(os.path.join(vla_dir, "stages.json"), vla_state)
                     print(f"vla train: done in {seconds / 60:.1f} min: {checkpoint}", flush=True)
             elif ok:

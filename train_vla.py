@@ -15,6 +15,11 @@ normalisers, chunk lengths and the embedding of every training instruction, so e
 known task needs no text encoder (eval_libero.py encodes a new instruction when asked).
 
     python train_vla.py --demos-paths data/libero_spatial_*_scripted.hdf5
+    python train_vla.py --resume runs/<run_name>/vla.pt     # continue a run cut short
+
+vla.pt is written every --save-every steps and on Ctrl-C (or SIGTERM), with the optimiser, the
+learning-rate schedule's step and the RNG states, so a resumed run takes the same steps an
+uninterrupted one would have taken.
 
 References: Chi et al. 2023 (Diffusion Policy: action chunks, receding horizon, EMA, GroupNorm with
 EMA, random-crop augmentation); Lipman et al. 2023 and Liu et al. 2023 (flow matching / rectified
@@ -45,6 +50,7 @@ import copy
 import json
 import math
 import random
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -80,6 +86,8 @@ class Args:
     """runs are written to <out_dir>/<run_name>/"""
     max_demos_per_file: Optional[int] = None
     """use only the first N demos of each file"""
+    resume: Optional[str] = None
+    """the vla.pt of an unfinished run to continue, in its folder and with its own flags (weights, EMA, optimiser, schedule, step, RNG)"""
 
     # observations
     image_size: int = 128
@@ -436,6 +444,55 @@ def chunk_indices(idx, demo_end, act_horizon):
     return np.minimum(steps, demo_end[idx][:, None] - 1)
 
 
+MACHINE_FLAGS = ("resume", "cuda", "torch_threads")
+"""flags a resumed run may change; every other one is the run's own"""
+
+
+def load_resume(path, args):
+    """--resume: the checkpoint, and the run's own flags (a flag given again must keep its value)."""
+    if not os.path.isfile(path):
+        fail(f"--resume '{path}' does not exist: pass a runs/<run>/vla.pt")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        fail(f"--resume '{path}' is not a checkpoint this script can read: pass a runs/<run>/vla.pt")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "vla" or "optimizer" not in ckpt:
+        fail(f"--resume '{path}' is not a resumable VLA checkpoint (one written by this script, with its optimiser)")
+    saved, default = ckpt["args"], Args()
+    for name, value in asdict(args).items():
+        if name in MACHINE_FLAGS or value == default.__dict__[name]:
+            continue
+        same = ([os.path.abspath(p) for p in value] == ckpt["demos_paths"] if name == "demos_paths"
+                else value == saved.get(name))
+        if not same:
+            fail(f"--resume continues a run with its own flags: drop --{name.replace('_', '-')} {value} (the run has {saved.get(name)})")
+    if ckpt["iteration"] >= saved["num_steps"]:
+        fail(f"--resume '{path}' is a finished run ({ckpt['iteration']} of {saved['num_steps']} steps): nothing to continue")
+    known = {k: v for k, v in saved.items() if k in default.__dict__}  # a flag added since then takes its default
+    resumed_args = Args(**{**known, **{k: getattr(args, k) for k in MACHINE_FLAGS}})
+    resumed_args.demos_paths = list(ckpt["demos_paths"])
+    return ckpt, resumed_args
+
+
+def rng_state():
+    """torch's, numpy's and Python's generator states, as tensors and numbers (weights_only-loadable)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = dict(torch=torch.get_rng_state(), numpy_keys=torch.from_numpy(keys.astype(np.int64)), numpy_pos=pos,
+                 numpy_has_gauss=has_gauss, numpy_gauss=gauss, python=torch.tensor(random.getstate()[1], dtype=torch.int64))
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_has_gauss"], state["numpy_gauss"]))
+    random.setstate((3, tuple(int(x) for x in state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def random_crop(images, crop):
     """(B, 3, S, S) -> (B, 3, crop, crop), an independent random offset per sample."""
     B, _, S, _ = images.shape
@@ -445,6 +502,9 @@ def random_crop(images, crop):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    resumed = None
+    if args.resume:
+        resumed, args = load_resume(args.resume, args)
     if not args.demos_paths:
         fail("give --demos-paths, e.g. --demos-paths data/libero_spatial_*_scripted.hdf5")
     if not 0.5 <= args.crop_ratio <= 1.0 or args.act_exec > args.act_horizon or args.num_steps < 1:
@@ -459,7 +519,7 @@ if __name__ == "__main__":
     if args.image_size < 16:
         fail(f"--image-size must be at least 16 pixels for the encoder's four stride-2 stages (got {args.image_size})")
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.out_dir, run_name)
+    run_dir = os.path.dirname(os.path.abspath(args.resume)) if resumed else os.path.join(args.out_dir, run_name)
     existing = os.path.abspath(args.out_dir)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
@@ -496,7 +556,7 @@ if __name__ == "__main__":
 
     for n in range(2, 100):  # two runs started in the same second get two folders, never one
         try:
-            os.makedirs(run_dir)
+            os.makedirs(run_dir, exist_ok=bool(resumed))
             break
         except FileExistsError:
             run_dir = os.path.join(args.out_dir, f"{run_name}-{n}")
@@ -513,18 +573,34 @@ if __name__ == "__main__":
 
     def save(step, loss):
         ckpt = dict(kind="vla", tasks=task_names, render_reflections=reflections, **policy.config(), model={k: v.cpu() for k, v in model.state_dict().items()},
-                    ema={k: v.cpu() for k, v in ema.state_dict().items()}, args=asdict(args), iteration=step,
-                    env_steps=0, eval_success=None, demos_paths=[os.path.abspath(p) for p in args.demos_paths])
+                    ema={k: v.cpu() for k, v in ema.state_dict().items()}, args={**asdict(args), "resume": None}, iteration=step,
+                    env_steps=0, eval_success=None, demos_paths=[os.path.abspath(p) for p in args.demos_paths],
+                    optimizer=opt.state_dict(), schedule=sched.state_dict(), rng=rng_state(), loss_avg=loss,
+                    train_seconds=train_time, wall_seconds=time.time() - start_time)
         path = os.path.join(run_dir, "vla.pt")
         torch.save(ckpt, path + ".tmp")  # then rename: never half a file under the real name
         os.replace(path + ".tmp", path)
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump(dict(run_name=run_name, tasks=task_names, instructions=instructions, num_samples=N, steps=step, final_loss=loss,
+            json.dump(dict(run_name=run_name, tasks=task_names, instructions=instructions, num_samples=N, steps=step,
+                           num_steps=args.num_steps, demos_paths=[os.path.abspath(p) for p in args.demos_paths], final_loss=loss,
                            wall_time=time.time() - start_time, samples_per_s=step * args.batch_size / max(train_time, 1e-9)), f, indent=2)
 
+    start_time, train_time, loss_avg, first_step = time.time(), 0.0, None, 1
+    if resumed:  # the very state the run was saved in: the next steps are those it would have taken
+        model.load_state_dict(resumed["model"])
+        ema.load_state_dict(resumed["ema"])
+        opt.load_state_dict(resumed["optimizer"])
+        sched.load_state_dict(resumed["schedule"])
+        set_rng_state(resumed["rng"])
+        first_step, loss_avg, train_time = resumed["iteration"] + 1, resumed["loss_avg"], resumed["train_seconds"]
+        start_time -= resumed["wall_seconds"]
+        print(f"resumed {args.resume} at step {resumed['iteration']}/{args.num_steps}", flush=True)
+    stop = []  # Ctrl-C or SIGTERM: finish the step, save, say how to continue
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.append(signum))
+
     # ALGO LOGIC: flow matching on action chunks, conditioned on two cameras, proprio and language
-    start_time, train_time, loss_avg = time.time(), 0.0, None
-    for step in range(1, args.num_steps + 1):
+    for step in range(first_step, args.num_steps + 1):
         t0 = time.time()
         idx = np.random.randint(0, N, size=args.batch_size)
         images = {cam: random_crop(to_chw(upright(data["images"][cam][idx])), crop).to(device) for cam in CAMERAS}
@@ -551,7 +627,12 @@ if __name__ == "__main__":
             writer.add_scalar("charts/samples_per_s", sps, step)
             print(f"step {step}/{args.num_steps}: loss {loss_avg:.4f}, {sps:.0f} samples/s, "
                   f"{(args.num_steps - step) * args.batch_size / sps / 60:.0f} min left", flush=True)
-        if step % args.save_every == 0 or step == args.num_steps:
+        if step % args.save_every == 0 or step == args.num_steps or stop:
             save(step, loss_avg)
+        if stop and step < args.num_steps:
+            writer.close()
+            print(f"interrupted at step {step}/{args.num_steps}: continue with python {os.path.basename(__file__)} "
+                  f"--resume {os.path.join(run_dir, 'vla.pt')}", file=sys.stderr, flush=True)
+            sys.exit(128 + stop[0])  # 130 for Ctrl-C, 143 for SIGTERM
     writer.close()
     print(f"done: {args.num_steps} steps in {(time.time() - start_time) / 60:.1f} min; checkpoint {os.path.join(run_dir, 'vla.pt')}")

@@ -5,13 +5,17 @@ one-sentence errors."""
 
 import json
 import os
+import re
+import signal
+import subprocess
+import sys
 
 import h5py
 import numpy as np
 import pytest
 import torch
 import train_vla
-from conftest import assert_ok, assert_one_sentence_error, run
+from conftest import ROOT, assert_ok, assert_one_sentence_error, run
 
 TASK = "libero_spatial_0"
 VLA_KEYS = {"kind", "tasks", "act_dim", "obs_horizon", "act_horizon", "act_exec", "proprio_dim", "proprio_keys",
@@ -78,6 +82,51 @@ def test_runs_started_in_the_same_second_get_their_own_folders(vla_run):
     (new,) = set((cwd / "clash").iterdir()) - set(taken)
     assert new.name.endswith("-2") and new.name[:-2] in {d.name for d in taken} and (new / "vla.pt").is_file()
     assert all(not any(d.iterdir()) for d in taken)
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(vla_run):
+    """SIGINT mid-run: the step finishes, vla.pt is saved, the run exits 130 naming its --resume
+    command, and run_suite.py finds it as the VLA to resume. Resumed, it ends with the weights (and
+    EMA) an uninterrupted run of the same flags ends with. A flag changed on resume, or a finished
+    run, is a one-sentence error."""
+    import run_suite
+
+    cwd, _ = vla_run
+    flags = ["--demos-paths", "demos.hdf5", "--image-size", "32", "--num-steps", "60", "--batch-size", "4", "--channels", "8",
+             "--head-dim", "32", "--log-every", "1", "--save-every", "1000", "--torch-threads", "1"]
+    assert_ok(run("train_vla.py", [*flags, "--out-dir", "whole"], cwd))
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_vla.py"), *flags, "--out-dir", "cut"], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 5/60"):
+            proc.send_signal(signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    (run_dir,) = (cwd / "cut").iterdir()
+    match = re.fullmatch(r"interrupted at step (\d+)/60: continue with python train_vla.py --resume (\S+)", err.strip().splitlines()[-1])
+    assert match and cwd / match[2] == run_dir / "vla.pt", err[-2000:]
+    step = int(match[1])
+    assert 5 <= step < 60 and torch.load(run_dir / "vla.pt", weights_only=True)["iteration"] == step  # saved, though --save-every is 1000
+    demos = [str(cwd / "demos.hdf5")]
+    assert run_suite.unfinished_vla(str(cwd / "cut"), demos) == str(run_dir / "vla.pt")
+    assert run_suite.unfinished_vla(str(cwd / "whole"), demos) is None  # finished
+    assert run_suite.unfinished_vla(str(cwd / "cut"), [str(cwd / "other.hdf5")]) is None  # other demos
+
+    assert_one_sentence_error(run("train_vla.py", ["--resume", match[2], "--num-steps", "80"], cwd), "--num-steps", status=2)
+    r = run("train_vla.py", ["--resume", match[2], "--torch-threads", "1"], cwd)
+    assert_ok(r)
+    assert f"resumed {match[2]} at step {step}/60" in r.stdout and "step 60/60" in r.stdout
+    progress = [line.split(":")[0] for line in r.stdout.splitlines() if line.startswith("step ")]
+    assert progress == [f"step {n}/60" for n in range(step + 1, 61)]  # it goes on from the next step
+    whole = torch.load(next((cwd / "whole").iterdir()) / "vla.pt", weights_only=True)
+    resumed = torch.load(run_dir / "vla.pt", weights_only=True)
+    assert resumed["iteration"] == 60 and run_suite.unfinished_vla(str(cwd / "cut"), demos) is None
+    for key in ("model", "ema"):
+        for name, value in whole[key].items():
+            torch.testing.assert_close(resumed[key][name], value, rtol=1e-5, atol=1e-6, msg=f"{key}.{name}")
+    assert_one_sentence_error(run("train_vla.py", ["--resume", match[2]], cwd), "finished", status=2)
 
 
 @pytest.mark.slow
