@@ -571,10 +571,12 @@ if __name__ == "__main__":
     text_table, proprio_all = text_table.to(device), torch.as_tensor(data["proprio"], device=device)
     actions_all = policy.normalize_action(torch.as_tensor(act, device=device))
 
+    demos_paths = [os.path.abspath(p) for p in args.demos_paths]  # what a resume and run_suite.py match on
+
     def save(step, loss):
         ckpt = dict(kind="vla", tasks=task_names, render_reflections=reflections, **policy.config(), model={k: v.cpu() for k, v in model.state_dict().items()},
                     ema={k: v.cpu() for k, v in ema.state_dict().items()}, args={**asdict(args), "resume": None}, iteration=step,
-                    env_steps=0, eval_success=None, demos_paths=[os.path.abspath(p) for p in args.demos_paths],
+                    env_steps=0, eval_success=None, demos_paths=demos_paths,
                     optimizer=opt.state_dict(), schedule=sched.state_dict(), rng=rng_state(), loss_avg=loss,
                     train_seconds=train_time, wall_seconds=time.time() - start_time)
         path = os.path.join(run_dir, "vla.pt")
@@ -582,7 +584,7 @@ if __name__ == "__main__":
         os.replace(path + ".tmp", path)
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(dict(run_name=run_name, tasks=task_names, instructions=instructions, num_samples=N, steps=step,
-                           num_steps=args.num_steps, demos_paths=[os.path.abspath(p) for p in args.demos_paths], final_loss=loss,
+                           num_steps=args.num_steps, demos_paths=demos_paths, final_loss=loss,
                            wall_time=time.time() - start_time, samples_per_s=step * args.batch_size / max(train_time, 1e-9)), f, indent=2)
 
     start_time, train_time, loss_avg, first_step = time.time(), 0.0, None, 1
