@@ -96,6 +96,13 @@ class ScriptedExpert:
     PUSH_LEAD = 0.05  # plus this much further on, so they keep pressing
     STAGE_CLEAR = 0.06  # an object this close to where a drawer will be once open is first set aside this far from it
     TURN_COST = 0.01  # preference per radian of hand turn, when a grasp is planned again on the way (a settling bowl)
+    KNOB_ROOM = 0.02  # a knob is pushed where the closed fingers' start keeps this much room from the rest of the object
+    KNOB_DZ = 0.008  # and this far below the top of the part pushed
+    FINGERTIP_DZ = 0.01  # the fingertips reach this far below the hand's reference point
+    PUSH_BACKOFF = 0.03  # closed fingers pushing a drawer, door or knob start this far behind the face they push
+    PATH_CLEAR = 0.06  # the hand on its way to a grasp passes this far above what stands within this far of its path
+    FLYING = 0.3  # an object moving faster than this (m/s) at the start (falling, not settling) is waited for, up to MAX_WAIT steps
+    MAX_WAIT = 60
     SLOW_ABOVE = 0.06  # lowering to the release height slows down within this much of it
     ORDER = {"open": 0, "turnon": 0, "turnoff": 0, "on": 1, "in": 1, "close": 2}
 
@@ -122,6 +129,7 @@ class ScriptedExpert:
         self.m, self.d = m, self.env.sim.data._data
         self.goal_idx, self.phase, self.t_phase = 0, "plan", 0
         self.art_tries = {}  # goal index -> articulated attempts so far
+        self.t_wait = 0  # steps held still at the start, waiting for thrown objects to come down
         self.staged = set()  # drawers whose contents-to-be were checked for being in the drawer's way
         self.spread_axis = {}  # target site -> the axis along which the objects sharing it are spread
 
@@ -501,6 +509,9 @@ class ScriptedExpert:
             handle = pts[lead >= lead.max() - 0.012]
             point = d.geom_xpos[owner[np.argmax(lead)]].copy()  # the centre (axis) of the handle's bar
             upright = np.ptp(handle[:, 2]) > np.ptp(handle[:, :2] @ np.array([-u[1], u[0]]))
+        elif pred in ("turnon", "turnoff") and tries > 1:  # a knob the first push did not turn: where the fingers have room
+            point = self._knob_point(pts, owner, vel, speed, *self._body_points(self.env.obj_body_id[parent], with_geoms=True))
+            upright = False
         else:  # push the face that leads the travel, where the part moves fastest
             far = pts[fast]
             back = far[far[:, :2] @ u <= (far[:, :2] @ u).min() + 0.01]
@@ -525,20 +536,54 @@ class ScriptedExpert:
             # placement the hand is turned; the start's put the wrist, joint 6, on its limit in libero_10_3)
             hand = None if pull else T.quat2mat(obs["robot0_eef_quat"])
             self.R_art = self._level_R(w, fingers_vertical=False, ref=hand)
-            self.art["start"] = np.array([*p[:2], handle[:, 2].max() + 0.004]) if press else p - v * 0.03
+            self.art["start"] = np.array([*p[:2], handle[:, 2].max() + 0.004]) if press else p - v * self.PUSH_BACKOFF
         elif slide or pull:  # the hand points into the part: against the pull, along the push
             w = -v if pull else v
             if near_table:  # a door's handle near the table: tilt the hand down so the palm clears it
                 w = (w + np.array([0.0, 0.0, -self.LOW_TILT])) / np.sqrt(1 + self.LOW_TILT**2)
             self.R_art = self._level_R(w, fingers_vertical=pull and not upright)
-            self.art["start"] = p if pull else p - w * 0.03
+            self.art["start"] = p if pull else p - w * self.PUSH_BACKOFF
         else:
             w = np.array([0.0, 0.0, -1.0])
-            self.R_art = rotz(np.arctan2(v[1], v[0])) @ self.R0
-            self.art["start"] = p - v * 0.03
+            # closed fingers push alike either way round: again, the turn nearer the hand as it is (after a first
+            # push, the start's yaw plus the part's can take the wrist, joint 6, to its limit)
+            yaws = np.arctan2(v[1], v[0]) + np.array([0.0, np.pi if tries > 1 else 0.0])
+            hand = T.quat2mat(obs["robot0_eef_quat"])
+            self.R_art = min((rotz(y) @ self.R0 for y in yaws), key=lambda Rc: np.linalg.norm(axisangle(Rc @ hand.T)))
+            self.art["start"] = p - v * self.PUSH_BACKOFF
         self.art["approach"] = self.art["start"] - w * 0.08
         # come in from above the whole object (an open drawer or door sticks out into the way)
         self.art["high"] = np.array([*self.art["approach"][:2], max(self.art["approach"][2], whole[:, 2].max() + 0.05)])
+
+    def _knob_point(self, pts, owner, vel, speed, whole, whole_owner):
+        """Where closed fingers push a knob round when a push at its fastest face did not turn it (the
+        fingers landed on the fixed plate beside it): of the knob's geoms out near its rim (the arms of a
+        star, a grip bar), the trailing face of the one whose push start, PUSH_BACKOFF behind it, keeps the
+        most room (up to KNOB_ROOM) from every other geom of the whole object (points `whole` of geoms
+        `whole_owner`) that reaches up to the fingertips; the fastest of equals. The fingers push just below
+        that geom's top, clear of what is lower."""
+        m, d = self.m, self.d
+
+        def gap(xy, g):  # horizontal distance from the vertical line through xy to geom g's box
+            R, c, h = d.geom_xmat[g].reshape(3, 3), m.geom_aabb[g, :3], m.geom_aabb[g, 3:]
+            local = R.T @ (np.array([*xy, d.geom_xpos[g][2]]) - d.geom_xpos[g]) - c
+            return float(np.linalg.norm(np.maximum(np.abs(local[:2]) - h[:2], 0.0)))
+
+        tops = {g: whole[whole_owner == g, 2].max() for g in np.unique(whole_owner)}
+        best, best_key = None, None
+        for g in np.unique(owner[speed >= 0.5 * speed.max()]):
+            sel = owner == g
+            i = np.flatnonzero(sel)[np.argmax(speed[sel])]
+            u = vel[i, :2] / max(speed[i], 1e-9)
+            arm = pts[sel]
+            back = arm[arm[:, :2] @ u <= (arm[:, :2] @ u).min() + 0.01]
+            point = np.array([*(back[:, :2].min(0) + back[:, :2].max(0)) / 2, tops[g] - self.KNOB_DZ])
+            start = point[:2] - u * self.PUSH_BACKOFF
+            room = min([gap(start, h) for h in tops if h != g and tops[h] > point[2] - self.FINGERTIP_DZ], default=1.0)
+            key = (min(room, self.KNOB_ROOM), speed[i])
+            if best_key is None or key > best_key:
+                best, best_key = point, key
+        return best
 
     def _level_R(self, w, fingers_vertical, ref=None):
         """Hand orientation pointing along `w` (level, or tilted down), fingers closing in the vertical
@@ -646,7 +691,28 @@ class ScriptedExpert:
         obj_xy = self.env.sim.data.body_xpos[self.env.obj_body_id[obj]][:2]
         return obs["robot0_eef_pos"][:2] + (self.place_xy - obj_xy)
 
+    def _pass_over_z(self, start, end):
+        """Height for the hand to pass over every object within PATH_CLEAR of the straight path from xy
+        `start` to xy `end` (not counting what stands within PATH_CLEAR of `end`: the grasp's own approach
+        comes down there), PATH_CLEAR above the highest of them; 0 if none."""
+        pts = np.concatenate([self._points(n) for n in self.env.obj_body_id])
+        path = end - start
+        f = np.clip((pts[:, :2] - start) @ path / max(path @ path, 1e-9), 0.0, 1.0)
+        near = np.linalg.norm(pts[:, :2] - (start + f[:, None] * path), axis=1) < self.PATH_CLEAR
+        near &= np.linalg.norm(pts[:, :2] - end, axis=1) > self.PATH_CLEAR
+        return float(pts[near, 2].max() + self.PATH_CLEAR) if near.any() else 0.0
+
+    def _flying(self):
+        """Whether a free object still moves faster than FLYING (m/s): some placements start objects
+        (libero_10_1's milk and ketchup) in contact with the table, which throws them up at the first step."""
+        m, d = self.m, self.d
+        free = np.flatnonzero(m.jnt_type == 0)
+        return any(np.linalg.norm(d.qvel[m.jnt_dofadr[j]: m.jnt_dofadr[j] + 3]) > self.FLYING for j in free)
+
     def act(self, obs):
+        if self.phase == "plan" and not hasattr(self, "R0") and self.t_wait < self.MAX_WAIT and self._flying():
+            self.t_wait += 1  # plan once everything has come down
+            return np.array([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0])
         if self.phase == "plan":
             if not hasattr(self, "R0"):
                 self.R0 = T.quat2mat(obs["robot0_eef_quat"])
@@ -674,7 +740,12 @@ class ScriptedExpert:
         if ph.startswith("push"):
             return np.clip(self._act_push(obs, stalled), -1, 1)
         if ph == "above":
-            a, err = self._move(obs, np.array([g[0], g[1], g[2] + self.above_dz]), self.R_grasp, -1)
+            z = g[2] + self.above_dz
+            if self.t_phase == 1:  # what stands between here and there (a basket just filled) is passed over
+                self.pass_z = self._pass_over_z(obs["robot0_eef_pos"][:2], g[:2])
+            if np.linalg.norm(obs["robot0_eef_pos"][:2] - g[:2]) > self.PATH_CLEAR:
+                z = max(z, self.pass_z)
+            a, err = self._move(obs, np.array([g[0], g[1], z]), self.R_grasp, -1)
             if err < 0.01 or self.t_phase > 80:
                 self.phase, self.t_phase = "descend", 0
                 obj = self.goals[self.goal_idx][1]

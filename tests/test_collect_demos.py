@@ -233,12 +233,13 @@ def articulation(env, goal):
 # a drawer opened by its handle and one closed by a push, a microwave door closed by a push, a stove
 # knob turned by a push, a bottom drawer (no room for the hand across its handle) opened by pressing on
 # the handle's top and one closed by the fingertips, a close that must come before an open in the same
-# cabinet, and a bottom drawer pushed shut after a bowl was put in it (the hand turned by the placement);
-# fresh placements, through the same rollout code collect_demos.py uses
+# cabinet, a bottom drawer pushed shut after a bowl was put in it (the hand turned by the placement), and
+# a knob turned off at a second push, where the fingers have room (the first lands them on the stove's
+# plate); fresh placements, through the same rollout code collect_demos.py uses
 @pytest.mark.slow
 @pytest.mark.parametrize("task, seeds", [("libero_90_7", (0, 1)), ("libero_90_0", (0,)), ("libero_90_33", (0, 1)),
                                          ("libero_90_20", (0, 1)), ("libero_90_6", (0,)), ("libero_90_22", (0,)),
-                                         ("libero_90_23", (0,)), ("libero_10_3", (2,))])
+                                         ("libero_90_23", (0,)), ("libero_10_3", (2,)), ("libero_90_39", (0,))])
 def test_scripted_expert_works_drawers_doors_and_knobs(task, seeds):
     collect_demos._rollout_init(task, "scripted")
     env = collect_demos._WORKER["env"]
@@ -333,6 +334,21 @@ def test_scripted_expert_sets_aside_a_bowl_that_stands_where_the_drawer_opens():
     aside = on_table & (np.linalg.norm(path[:, :2] - path[0, :2], axis=1) > 0.07)
     assert aside.any(), np.linalg.norm(path[:, :2] - path[0, :2], axis=1).max()
     assert path[-1, 2] - path[0, 2] > 0.05, path[-1]  # then lifted into the drawer, well above the table
+
+
+@pytest.mark.slow
+def test_scripted_expert_waits_for_thrown_objects_and_passes_over_a_filled_basket():
+    """libero_10_1, "put both the cream cheese box and the butter in the basket": at placement 0 the
+    milk carton and the ketchup bottle are still falling when the settle steps end (the placement starts
+    them in contact, which throws them up), so a plan made then sends the fingers into where the milk
+    lands; and on the way from the filled basket to the butter the fingers caught its rim and tipped it
+    over (0 of 10 before). The expert holds still until they are down, and passes over the basket:
+    both boxes end in it, and the basket stays where it stood."""
+    path, _, ep = scripted_rollout_watching("libero_10_1", ["basket_1", "milk_1"], 0)
+    path = path[collect_demos.NUM_SETTLE_STEPS - 1:]
+    assert ep["success"], len(ep["actions"])
+    assert path[0, 1, 2] - path[:, 1, 2].min() > 0.1, path[:, 1, 2]  # the milk was in the air when the expert took over
+    assert np.linalg.norm(path[:, 0] - path[0, 0], axis=1).max() < 0.02, np.linalg.norm(path[:, 0] - path[0, 0], axis=1).max()
 
 
 @pytest.mark.slow
