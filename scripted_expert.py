@@ -498,6 +498,7 @@ class ScriptedExpert:
         jid = m.joint(joint).id
         body, slide = int(m.jnt_bodyid[jid]), m.jnt_type[jid] == 2
         pts, owner = self._body_points(body, with_geoms=True)
+        whole, whole_owner = self._body_points(self.env.obj_body_id[parent], with_geoms=True)  # the part's whole object
         axis, anchor = d.xaxis[jid], d.xanchor[jid]
         vel = sign * (np.tile(axis, (len(pts), 1)) if slide else np.cross(axis, pts - anchor))
         speed = np.linalg.norm(vel[:, :2], axis=1)
@@ -510,7 +511,7 @@ class ScriptedExpert:
             point = d.geom_xpos[owner[np.argmax(lead)]].copy()  # the centre (axis) of the handle's bar
             upright = np.ptp(handle[:, 2]) > np.ptp(handle[:, :2] @ np.array([-u[1], u[0]]))
         elif pred in ("turnon", "turnoff") and tries > 1:  # a knob the first push did not turn: where the fingers have room
-            point = self._knob_point(pts, owner, vel, speed, *self._body_points(self.env.obj_body_id[parent], with_geoms=True))
+            point = self._knob_point(pts, owner, vel, speed, whole, whole_owner)
             upright = False
         else:  # push the face that leads the travel, where the part moves fastest
             far = pts[fast]
@@ -524,7 +525,6 @@ class ScriptedExpert:
         self.art = dict(jid=jid, qadr=m.jnt_qposadr[jid], body=body, slide=slide, sign=sign, pull=pull, deep=deep,
                         local=R.T @ (point - x), q0=float(d.qpos[m.jnt_qposadr[jid]]))
         p, v = self._joint_point()
-        whole = self._points(parent)
         near_table = p[2] - whole[:, 2].min() < self.LOW_DRAWER
         low = slide and near_table
         # a drawer's bar too low for the hand's width across it (between the table and the drawer above), or one a
