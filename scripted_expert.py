@@ -103,6 +103,7 @@ class ScriptedExpert:
     PATH_CLEAR = 0.06  # the hand on its way to a grasp passes this far above what stands within this far of its path
     FLYING = 0.3  # an object moving faster than this (m/s) at the start (falling, not settling) is waited for, up to MAX_WAIT steps
     MAX_WAIT = 60
+    OFF_CENTRE = 0.02  # a rim-grasped object whose origin lies this far from its footprint's middle has a handle
     SLOW_ABOVE = 0.06  # lowering to the release height slows down within this much of it
     ORDER = {"open": 0, "turnon": 0, "turnoff": 0, "on": 1, "in": 1, "close": 2}
 
@@ -257,22 +258,27 @@ class ScriptedExpert:
             self._plan_push(pts, center_xy, spot[:2])
             return
         if not cands:  # too wide to span (a bowl): pinch the rim, preferably on the robot's side
+            # the rim's middle: a pan's handle pulls its footprint's middle off the pan's own, and a pinch
+            # aimed from there crosses the wall aslant, where two of its segments meet (libero_90_45)
+            origin = self.d.xpos[self.env.obj_body_id[obj]][:2]
+            mid = origin if np.linalg.norm(origin - center_xy) > self.OFF_CENTRE else center_xy
+            rxy = pts[:, :2] - mid
             rims = []
             for ang in np.linspace(0, 2 * np.pi, 16, endpoint=False):
                 u = np.array([np.cos(ang), np.sin(ang)])
-                rim_xy = center_xy + u * (np.max(xy @ u) - 0.012)  # the rim may be tilted: measure it
+                rim_xy = mid + u * (np.max(rxy @ u) - 0.012)  # the rim may be tilted: measure it
                 near = pts[np.linalg.norm(pts[:, :2] - rim_xy, axis=1) < 0.02]
                 rims.append((u, rim_xy, near[:, 2].max() if len(near) else hi_z))
             if np.ptp([r[2] for r in rims]) > self.TILTED:
                 # resting tilted (a bowl on a ramekin): seen from above, the low side's wall sticks out past
                 # its rim, so take each direction's rim where the bowl is highest along it
-                radius = np.linalg.norm(xy, axis=1)
+                radius = np.linalg.norm(rxy, axis=1)
                 for i, (u, _, _) in enumerate(rims):
-                    sector = pts[(xy @ u > np.cos(0.25) * radius) & (radius > 0.5 * radius.max())]
+                    sector = pts[(rxy @ u > np.cos(0.25) * radius) & (radius > 0.5 * radius.max())]
                     if not len(sector):  # nothing of it out that way (a pan, whose handle sets the radius)
                         continue
                     lip = sector[sector[:, 2] > sector[:, 2].max() - 0.004]
-                    rims[i] = (u, center_xy + u * (((lip[:, :2] - center_xy) @ u).mean() - self.LIP_INSET), sector[:, 2].max())
+                    rims[i] = (u, mid + u * (((lip[:, :2] - mid) @ u).mean() - self.LIP_INSET), sector[:, 2].max())
             for u, rim_xy, rim_top in rims:
                 pen = 0.005 * (1 + u[0])  # u = (-1, 0) points at the robot base
                 cands.append((np.array([*rim_xy, rim_top - 0.02]), u, pen))

@@ -296,6 +296,19 @@ def test_scripted_expert_pushes_a_plate_it_cannot_grasp():
 
 
 @pytest.mark.slow
+def test_scripted_expert_pinches_a_pan_across_one_wall():
+    """libero_90_41, "put the frying pan on top of the cabinet", placement 3: the pan's long handle puts its
+    footprint's middle 8 cm off the pan's own, and a rim pinch aimed from there crossed the wall where two
+    of its segments meet and slipped at every lift (the episode ran out). The rim is now measured from the
+    pan's own middle: the pan goes up at the first grasp and stays up until it is set on the cabinet."""
+    path, _, ep = scripted_rollout_watching("libero_90_41", ["chefmate_8_frypan_1"], 3)
+    z = path[collect_demos.NUM_SETTLE_STEPS:, 0, 2] - path[collect_demos.NUM_SETTLE_STEPS - 1, 0, 2]
+    assert ep["success"] and len(ep["actions"]) <= 200, len(ep["actions"])
+    first_up = int(np.argmax(z > 0.05))
+    assert z[first_up:].min() > 0.03, z[first_up:].min()  # never back down on the table once lifted
+
+
+@pytest.mark.slow
 def test_scripted_expert_lifts_two_pots_by_their_bodies_onto_one_stove():
     """libero_10_8, "turn on the stove and put both moka pots on it": each pot's handle and spout make it
     too wide for the fingers as a whole (it was pinched at a side panel like a bowl's rim and never
