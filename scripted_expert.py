@@ -658,8 +658,8 @@ class ScriptedExpert:
                 self.art["home"] = np.array([*obs["robot0_eef_pos"][:2], max(obs["robot0_eef_pos"][2], a["high"][2])])
         else:  # up and the hand back to pointing down, slowly (a fast turn from level can fold the wrist), then the next sub-goal
             # off a door's handle, straight up first as it is: turning there swings the fingers into the door and shuts it again
-            low = not a["slide"] and a["pull"] and obs["robot0_eef_pos"][2] < a["high"][2] - 0.03
-            act, err = self._move(obs, a["home"], R if low else self.R0, -1, max_speed=0.5)
+            rising_off_door = not a["slide"] and a["pull"] and obs["robot0_eef_pos"][2] < a["high"][2] - 0.03
+            act, err = self._move(obs, a["home"], R if rising_off_door else self.R0, -1, max_speed=0.5)
             act[3:6] = np.clip(act[3:6], -0.5, 0.5)
             if err < 0.02 or self.t_phase > 40:
                 if not self._art_done():
