@@ -15,8 +15,9 @@ Rolling a checkpoint out elsewhere (collect_demos.py, eval_libero.py), from the 
     actions = policy.act(state_obs(raw_obs)[None])[0]  # (Te, 7) env actions, executed in order
 
 Code between `# --- begin copied block: <name> ---` and its end marker is copied, unchanged, in
-gaussian_ppo.py (environments, critic, GAE, evaluation, checkpoint I/O), so the two methods differ
-only in the policy; tests/test_copies.py holds the copies together.
+gaussian_ppo.py (environments, critic, GAE, evaluation, checkpoint I/O, and the main body but for
+its three lines of PPO clip and discount), so the two methods differ only in the policy class, which
+`Policy` names; tests/test_copies.py holds the copies together.
 
 References: Ren et al. 2024, "Diffusion Policy Policy Optimization" (arXiv 2409.00588) and its
 robomimic state configs (cfg/robomimic/{pretrain,finetune}/can/*_diffusion_mlp.yaml); Ho et al.
@@ -449,6 +450,7 @@ class DiffusionPolicy(nn.Module):
             "mu_x0": betas * ab_prev.sqrt() / (1 - ab).clamp(min=1e-12),  # posterior mean coefficients
             "mu_xk": (1 - ab_prev) * (1 - betas).sqrt() / (1 - ab).clamp(min=1e-12),
             "post_std": (betas * (1 - ab_prev) / (1 - ab).clamp(min=1e-12)).sqrt(),  # 0 at k = 1
+            "alpha_bar": ab,  # q(x_k | x_0) = N(sqrt(ab_k) x_0, (1 - ab_k) I), for behaviour cloning
             "obs_mean": torch.as_tensor(obs_mean, dtype=torch.float64),
             "obs_std": torch.as_tensor(obs_std, dtype=torch.float64),
             "act_min": torch.as_tensor(act_min, dtype=torch.float64),
@@ -476,6 +478,13 @@ class DiffusionPolicy(nn.Module):
                      c["ft_denoising_steps"], c["hidden_dim"], *floors, c["randn_clip"], **c["normalizer"])
         policy.load_state_dict(c["model"])
         return policy.to(device).eval()
+
+    @classmethod
+    def from_demos(cls, obs, actions, args):
+        """A new policy of the script's Args, its normalisers fitted to the demos' states (N, Do) and actions (N, Da)."""
+        return cls(obs.shape[1], actions.shape[1], args.act_horizon, args.act_exec, args.denoising_steps,
+                   args.ft_denoising_steps, args.hidden_dim, args.min_sampling_std, args.min_logprob_std, args.randn_clip,
+                   **demo_normalizers(obs, actions))
 
     def normalize_obs(self, obs):
         return ((obs - self.obs_mean) / self.obs_std).clamp(-10, 10)  # states far outside the demos stay bounded
@@ -544,12 +553,32 @@ class DiffusionPolicy(nn.Module):
         _, teacher_chain = self.sample(obs, explore=True, base=True)
         return -ppo_log_prob(self, obs, teacher_chain, self.act_exec).mean()
 
+    def imitation_loss(self, obs, chunk):
+        """Behaviour cloning's DDPM loss at normalised states (B, Do) and demo chunks (B, Ta, Da): the
+        fine-tuned denoiser predicts the noise that q(x_k | x_0) added at a random step k."""
+        k = torch.randint(1, self.K + 1, (len(chunk),), device=chunk.device)
+        eps = torch.randn_like(chunk)
+        x_k = self.alpha_bar[k, None, None].sqrt() * chunk + (1 - self.alpha_bar[k, None, None]).sqrt() * eps
+        return F.mse_loss(self.actor_ft(x_k, k, obs), eps)
+
+    def start_from_bc(self, state):
+        """After behaviour cloning: its EMA weights become both the frozen denoiser and the fine-tuned copy."""
+        self.actor.load_state_dict(state)
+        self.actor_ft.load_state_dict(state)
+
+    def ft_parameters(self):
+        """What PPO trains: the fine-tuned denoiser."""
+        return list(self.actor_ft.parameters())
+
     def after_actor_step(self):
         """Called after each actor optimiser step; the denoiser has no constrained parameter to project."""
 
     def log_scalars(self):
         """Scalars of the policy itself for the progress line and TensorBoard: none for the denoiser."""
         return {}
+
+
+Policy = DiffusionPolicy  # the policy the main body builds, clones and fine-tunes (GaussianPolicy in gaussian_ppo.py)
 
 
 # small maths, each held by a unit test
@@ -695,7 +724,7 @@ def advantages(policy, critic, scaler, batch, args):
 def ppo_update(policy, critic, actor_opt, critic_opt, data, args, clip_coefs, discounts, update_actor, bc_loss_coeff=0.0):
     """update_epochs passes over the batch in minibatches of ~minibatch_size chunks, each chunk with all
     its fine-tuned steps. The critic always trains; the actor only when `update_actor`. Returns the logs."""
-    actor_params = [p for p in policy.parameters() if p.requires_grad]
+    actor_params = policy.ft_parameters()
     n = len(data["adv"])
     logs = dict(value_loss=[], policy_loss=[], bc_loss=[], approx_kl=[], clipfrac=[], actor_steps=0, critic_steps=0)
     for epoch in range(args.update_epochs):
@@ -821,6 +850,14 @@ def action_chunks(actions, act_horizon):
     """(T, Da) -> (T, Ta, Da): the chunk starting at each step, padded with the demo's last action."""
     padded = np.concatenate([actions, np.repeat(actions[-1:], act_horizon - 1, axis=0)])
     return np.stack([padded[t : t + act_horizon] for t in range(len(actions))])
+
+
+def demo_normalizers(obs, actions):
+    """The policy's normalisers, fitted to the demos' states (N, Do) and actions (N, Da): states z-scored,
+    each action dimension's range mapped to [-1, 1]."""
+    centre = (actions.min(0) + actions.max(0)) / 2
+    half = np.maximum((actions.max(0) - actions.min(0)) / 2, 1e-2)  # a constant action dim gets a +-0.01 range
+    return dict(obs_mean=obs.mean(0), obs_std=np.maximum(obs.std(0), 1e-2), act_min=centre - half, act_max=centre + half)
 # --- end copied block: warm-start data ---
 
 
@@ -884,15 +921,13 @@ def load_resume(path, task):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    # --- begin copied block: run set-up and behaviour cloning ---
     suite_name, _ = parse_task(args.task)
-    for flag in ("eval_episodes", "num_envs", "eval_every", "episodes_per_update", "minibatch_size", "update_epochs",
-                 "act_exec"):
-        if getattr(args, flag) < 1:
-            fail(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.critic_warmup_max < 0 or args.total_iterations < 0:
-        fail("--critic-warmup-max and --total-iterations must be 0 or more")
-    if args.num_demos < 1 or (args.max_episode_steps is not None and args.max_episode_steps < 1):
-        fail("--num-demos and --max-episode-steps must be at least 1")
+    least = dict(num_demos=1, num_envs=1, max_episode_steps=1, eval_episodes=1, eval_every=1, act_exec=1,
+                 total_iterations=0, episodes_per_update=1, minibatch_size=1, update_epochs=1, critic_warmup_max=0)
+    for flag, low in least.items():
+        if getattr(args, flag) is not None and getattr(args, flag) < low:
+            fail(f"--{flag.replace('_', '-')} must be at least {low} (got {getattr(args, flag)})")
     if args.eval_episodes > 50:
         fail(f"--eval-episodes must be at most 50, the number of shipped init states (got {args.eval_episodes})")
     if args.time_limit_min is not None and args.time_limit_min <= 0:
@@ -907,7 +942,7 @@ if __name__ == "__main__":
     resumed = load_resume(args.resume, args.task) if args.resume else None
     demos_path = None if resumed else find_or_collect_demos(args)
     max_episode_steps = args.max_episode_steps or STEP_LIMITS[suite_name]
-    N, K_ft, Te = args.num_envs, args.ft_denoising_steps, args.act_exec
+    N = args.num_envs
     run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.dirname(os.path.abspath(args.resume)) if resumed else os.path.join(args.out_dir, run_name)
     new_out_dir = not resumed and not os.path.isdir(args.out_dir)
@@ -951,69 +986,17 @@ if __name__ == "__main__":
     bddl, init_states = task_bddl_and_init_states(args.task)
     init_states = init_states[: args.eval_episodes]
     if resumed:
-        policy = DiffusionPolicy.from_checkpoint(resumed, device).train()
+        policy = Policy.from_checkpoint(resumed, device).train()
     else:
         demo_obs, demo_actions = load_demos(demos_path, args.task, bddl, args.num_demos)
-        all_obs, all_act = np.concatenate(demo_obs), np.concatenate(demo_actions)
-        centre = (all_act.min(0) + all_act.max(0)) / 2
-        half = np.maximum((all_act.max(0) - all_act.min(0)) / 2, 1e-2)  # a constant action dim gets a +-0.01 range
-        policy = DiffusionPolicy(
-            all_obs.shape[1], ACT_DIM, args.act_horizon, Te, args.denoising_steps, K_ft, args.hidden_dim, args.min_sampling_std,
-            args.min_logprob_std,
-            args.randn_clip, obs_mean=all_obs.mean(0), obs_std=np.maximum(all_obs.std(0), 1e-2),
-            act_min=centre - half, act_max=centre + half,
-        ).to(device)
-    obs_dim = policy.obs_dim
-    critic = Critic(obs_dim).to(device)
+        all_obs = np.concatenate(demo_obs)
+        policy = Policy.from_demos(all_obs, np.concatenate(demo_actions), args).to(device)
+    critic = Critic(policy.obs_dim).to(device)
     # workers are forked before the torch work below; each builds its MuJoCo env on its first reset
-    envs = make_vector_env(bddl, obs_dim, args, max_episode_steps)
-    print(f"{args.task}: obs {obs_dim}, {N} envs, {max_episode_steps} steps per episode, "
-          f"{sum(p.numel() for p in policy.actor_ft.parameters()) / 1e6:.2f} M denoiser parameters", flush=True)
-
-    # ALGO LOGIC: behaviour cloning, DDPM noise prediction over action chunks
-    if resumed:
-        bc_ema_state = resumed["ema"]
-    else:
-        obs_t = policy.normalize_obs(torch.as_tensor(all_obs, device=device))
-        chunks = np.concatenate([action_chunks(a, args.act_horizon) for a in demo_actions])
-        act_t = policy.normalize_action(torch.as_tensor(chunks, device=device))  # (N, Ta, Da) in [-1, 1]
-        denoiser = policy.actor_ft  # trained in place; its EMA then becomes both actor and actor_ft
-        ema = copy.deepcopy(denoiser).requires_grad_(False)
-        bc_opt = torch.optim.AdamW(denoiser.parameters(), lr=args.bc_lr, weight_decay=args.bc_weight_decay)
-        steps_per_epoch = math.ceil(len(obs_t) / args.bc_batch_size)
-        bc_sched = torch.optim.lr_scheduler.CosineAnnealingLR(bc_opt, args.bc_epochs * steps_per_epoch, args.bc_min_lr)
-        alpha_bar = cosine_schedule(args.denoising_steps)[1].float().to(device)
-        print(f"behaviour cloning: {len(obs_t)} samples, {args.bc_epochs} epochs of {steps_per_epoch} steps", flush=True)
-        step, bc_start = 0, time.time()
-        torch.set_num_threads(max(args.torch_threads, os.cpu_count() or 1))  # the env workers idle until BC ends
-        for epoch in range(args.bc_epochs):
-            perm, epoch_loss = torch.randperm(len(obs_t), device=device), 0.0
-            for i in range(0, len(obs_t), args.bc_batch_size):
-                a0, s = act_t[perm[i : i + args.bc_batch_size]], obs_t[perm[i : i + args.bc_batch_size]]
-                k = torch.randint(1, args.denoising_steps + 1, (len(a0),), device=device)
-                eps = torch.randn_like(a0)
-                x_k = alpha_bar[k, None, None].sqrt() * a0 + (1 - alpha_bar[k, None, None]).sqrt() * eps  # q(x_k | x_0)
-                loss = F.mse_loss(denoiser(x_k, k, s), eps)
-                bc_opt.zero_grad()
-                loss.backward()
-                bc_opt.step()
-                bc_sched.step()
-                step, epoch_loss = step + 1, epoch_loss + loss.item() / steps_per_epoch
-                if epoch < EMA_START_EPOCH:
-                    ema.load_state_dict(denoiser.state_dict())
-                elif step % EMA_EVERY == 0:
-                    for p_ema, p in zip(ema.parameters(), denoiser.parameters()):
-                        p_ema.lerp_(p, 1 - args.ema_decay)
-            writer.add_scalar("losses/bc_loss", epoch_loss, epoch)
-            if epoch % max(1, args.bc_epochs // 20) == 0 or epoch == args.bc_epochs - 1:
-                print(f"bc epoch {epoch}: loss {epoch_loss:.4f}, {time.time() - bc_start:.0f}s", flush=True)
-        bc_ema_state = {k: v.cpu() for k, v in ema.state_dict().items()}
-        policy.actor.load_state_dict(ema.state_dict())
-        policy.actor_ft.load_state_dict(ema.state_dict())
-        del obs_t, act_t, ema, bc_opt
-        torch.set_num_threads(args.torch_threads)
-
-    actor_opt = torch.optim.Adam(policy.actor_ft.parameters(), lr=args.actor_lr)
+    envs = make_vector_env(bddl, policy.obs_dim, args, max_episode_steps)
+    print(f"{args.task}: obs {policy.obs_dim}, {N} envs, {max_episode_steps} steps per episode, {KIND} policy with "
+          f"{sum(p.numel() for p in policy.ft_parameters()) / 1e6:.2f} M parameters to fine-tune", flush=True)
+    actor_opt = torch.optim.Adam(policy.ft_parameters(), lr=args.actor_lr)
     critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
     scaler = RewardScaler(N, args.gamma)
     # everything that summary.json reports and a resumed run continues from
@@ -1022,6 +1005,7 @@ if __name__ == "__main__":
                  best_wall_time=None, eval_history=[], actor_grad_steps=0,
                  critic_grad_steps=0, critic_ready=False, skipped_actor_updates=0)
     if resumed:
+        bc_ema_state = resumed["ema"]
         critic.load_state_dict(resumed["critic"])
         actor_opt.load_state_dict(resumed["optimizers"]["actor"])
         critic_opt.load_state_dict(resumed["optimizers"]["critic"])
@@ -1029,13 +1013,54 @@ if __name__ == "__main__":
         torch.set_rng_state(resumed["rng"])
         stats.update({k: resumed[k] for k in stats if k in resumed})
         print(f"resumed {args.resume} at iteration {stats['iteration']}, {stats['env_steps']} env steps", flush=True)
-    wall_offset = stats["wall_time"]
+    else:
+        # ALGO LOGIC: behaviour cloning, the policy's imitation loss on the demos' action chunks; RL starts from the EMA
+        obs_t = policy.normalize_obs(torch.as_tensor(all_obs, device=device))
+        chunks = np.concatenate([action_chunks(a, args.act_horizon) for a in demo_actions])
+        act_t = policy.normalize_action(torch.as_tensor(chunks, device=device))  # (N, Ta, Da) in [-1, 1]
+        net = policy.actor_ft  # the network that behaviour cloning trains, in place
+        ema = copy.deepcopy(net).requires_grad_(False)
+        bc_opt = torch.optim.AdamW(net.parameters(), lr=args.bc_lr, weight_decay=args.bc_weight_decay)
+        steps_per_epoch = math.ceil(len(obs_t) / args.bc_batch_size)
+        bc_sched = torch.optim.lr_scheduler.CosineAnnealingLR(bc_opt, args.bc_epochs * steps_per_epoch, args.bc_min_lr)
+        print(f"behaviour cloning: {len(obs_t)} samples, {args.bc_epochs} epochs of {steps_per_epoch} steps", flush=True)
+        step, bc_start = 0, time.time()
+        torch.set_num_threads(max(args.torch_threads, os.cpu_count() or 1))  # the env workers idle until BC ends
+        for epoch in range(args.bc_epochs):
+            perm, epoch_loss = torch.randperm(len(obs_t), device=device), 0.0
+            for i in range(0, len(obs_t), args.bc_batch_size):
+                loss = policy.imitation_loss(obs_t[perm[i : i + args.bc_batch_size]], act_t[perm[i : i + args.bc_batch_size]])
+                bc_opt.zero_grad()
+                loss.backward()
+                bc_opt.step()
+                bc_sched.step()
+                step, epoch_loss = step + 1, epoch_loss + loss.item() / steps_per_epoch
+                if epoch < EMA_START_EPOCH:
+                    ema.load_state_dict(net.state_dict())
+                elif step % EMA_EVERY == 0:
+                    for p_ema, p in zip(ema.parameters(), net.parameters()):
+                        p_ema.lerp_(p, 1 - args.ema_decay)
+            writer.add_scalar("losses/bc_loss", epoch_loss, epoch)
+            if epoch % max(1, args.bc_epochs // 20) == 0 or epoch == args.bc_epochs - 1:
+                print(f"bc epoch {epoch}: loss {epoch_loss:.4f}, {time.time() - bc_start:.0f}s", flush=True)
+        bc_ema_state = {k: v.cpu() for k, v in ema.state_dict().items()}
+        policy.start_from_bc(ema.state_dict())
+        del obs_t, act_t, ema, bc_opt
+        torch.set_num_threads(args.torch_threads)
+    # --- end copied block: run set-up and behaviour cloning ---
 
+    # DPPO's PPO clip and advantage discount per fine-tuned denoising step, and its BC regulariser
+    clip_coefs = clip_schedule(args.ft_denoising_steps, args.clip_coef_base, args.clip_coef, CLIP_COEF_RATE).to(device)
+    discounts = denoising_discount(args.ft_denoising_steps, args.gamma_denoising).to(device)
+    bc_loss_coeff = args.bc_loss_coeff
+
+    # --- begin copied block: training loop ---
+    wall_offset, iteration = stats["wall_time"], stats["iteration"]
     recent_train_success = []  # the exploring policy's episodes since the last evaluation
-    # --- begin copied block: checkpoints and evaluation in the loop ---
+
     def save(name):
         """Checkpoint dict (DESIGN.md): rebuilds the policy alone, and resumes the run."""
-        stats["wall_time"] = wall_offset + time.time() - start_time
+        stats.update(iteration=iteration, wall_time=wall_offset + time.time() - start_time)
         ckpt = dict(kind=KIND, task=args.task, **policy.config(), max_episode_steps=max_episode_steps,
                     model={k: v.cpu() for k, v in policy.state_dict().items()}, ema=bc_ema_state,
                     critic={k: v.cpu() for k, v in critic.state_dict().items()},
@@ -1046,59 +1071,55 @@ if __name__ == "__main__":
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(dict(run_name=run_name, task=args.task, final_success=stats["eval_success"], **stats), f, indent=2)
 
-    def run_eval():
-        """Evaluate the deterministic policy (and with --eval-explore the exploring sampler) on the init
-        states, log, keep the best deterministic checkpoint; returns text for the progress line."""
-        t0 = time.time()
-        successes = evaluate(policy, envs, init_states)
-        explore_rate = evaluate(policy, envs, init_states, explore=True) / len(init_states) if args.eval_explore else None
-        train_rate = float(np.mean(recent_train_success)) if recent_train_success else None
-        recent_train_success.clear()
-        rate, ci = successes / len(init_states), list(wilson_interval(successes, len(init_states)))
-        stats.update(eval_success=rate, eval_ci=ci, eval_explore_success=explore_rate)
-        if stats["iteration"] == 0:  # the BC policy's score, known before its checkpoint is written
-            stats["bc_success"] = rate
-        stats["eval_history"].append([stats["iteration"], stats["env_steps"], wall_offset + time.time() - start_time,
-                                      rate, explore_rate, train_rate])
-        plot_eval_history(stats["eval_history"], os.path.join(run_dir, "success.png"), f"{args.task}, {args.exp_name}")
-        scalars = {"success_rate": rate, "ci_low": ci[0], "ci_high": ci[1], "explore_success_rate": explore_rate,
-                   "train_success_since_last_eval": train_rate}
-        for tag, value in scalars.items():
-            if value is not None:
-                writer.add_scalar(f"eval/{tag}", value, stats["env_steps"])
-        if rate > stats["best_success"]:
-            stats.update(best_success=rate, best_ci=ci, best_iteration=stats["iteration"],
-                         best_env_steps=stats["env_steps"], best_wall_time=wall_offset + time.time() - start_time)
-            save("expert.pt")
-        explore = "" if explore_rate is None else f", exploring sampler {explore_rate:.2f}"
-        train = "" if train_rate is None else f" (training episodes since the last: {train_rate:.2f})"
-        return f"eval {rate:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]{explore} on {len(init_states)} init states{train} ({time.time() - t0:.0f}s)"
-
     def out_of_time():
         return args.time_limit_min is not None and wall_offset + time.time() - start_time > 60 * args.time_limit_min
-    # --- end copied block: checkpoints and evaluation in the loop ---
 
-    seeds = np.random.default_rng([args.seed, stats["iteration"]]).integers(2**31 - 1, size=N)
+    seeds = np.random.default_rng([args.seed, iteration]).integers(2**31 - 1, size=N)
     next_obs, _ = envs.reset(seed=[int(s) for s in seeds])
-    if not resumed:
-        text = run_eval()
-        print(f"iter 0 (BC): {text}", flush=True)
-        save("last.pt")
-        next_obs, _ = envs.reset()
-    clip_coefs = clip_schedule(K_ft, args.clip_coef_base, args.clip_coef, CLIP_COEF_RATE).to(device)
-    discounts = denoising_discount(K_ft, args.gamma_denoising).to(device)
-    bc_loss_coeff = args.bc_loss_coeff
-
-    # --- begin copied block: training loop ---
-    while stats["iteration"] < args.total_iterations and not out_of_time():
-        stats["iteration"] += 1
+    line = None if resumed else "iter 0 (BC)"  # the progress line of the update just made; a resumed run has none yet
+    while True:
+        if line is not None and (iteration % args.eval_every == 0 or iteration >= args.total_iterations or out_of_time()):
+            # evaluation of the deterministic policy (and with --eval-explore the exploring sampler) on the
+            # init states: the BC policy's first, then every eval_every updates and after the last one
+            t0 = time.time()
+            successes = evaluate(policy, envs, init_states)
+            explore_rate = evaluate(policy, envs, init_states, explore=True) / len(init_states) if args.eval_explore else None
+            train_rate = float(np.mean(recent_train_success)) if recent_train_success else None
+            recent_train_success.clear()
+            rate, ci = successes / len(init_states), list(wilson_interval(successes, len(init_states)))
+            stats.update(eval_success=rate, eval_ci=ci, eval_explore_success=explore_rate)
+            if iteration == 0:  # the BC policy's score, known before its checkpoint is written
+                stats["bc_success"] = rate
+            stats["eval_history"].append([iteration, stats["env_steps"], wall_offset + time.time() - start_time,
+                                          rate, explore_rate, train_rate])
+            plot_eval_history(stats["eval_history"], os.path.join(run_dir, "success.png"), f"{args.task}, {args.exp_name}")
+            scalars = {"success_rate": rate, "ci_low": ci[0], "ci_high": ci[1], "explore_success_rate": explore_rate,
+                       "train_success_since_last_eval": train_rate}
+            for tag, value in scalars.items():
+                if value is not None:
+                    writer.add_scalar(f"eval/{tag}", value, stats["env_steps"])
+            if rate > stats["best_success"]:
+                stats.update(best_success=rate, best_ci=ci, best_iteration=iteration,
+                             best_env_steps=stats["env_steps"], best_wall_time=wall_offset + time.time() - start_time)
+                save("expert.pt")
+            explore = "" if explore_rate is None else f", exploring sampler {explore_rate:.2f}"
+            train = "" if train_rate is None else f" (training episodes since the last: {train_rate:.2f})"
+            line += f" | eval {rate:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]{explore} on {len(init_states)} init states{train} ({time.time() - t0:.0f}s)"
+            next_obs, _ = envs.reset()
+            scaler.ret[:] = 0
+        if line is not None:
+            print(line, flush=True)
+            save("last.pt")
+        if iteration >= args.total_iterations or out_of_time():
+            break
+        iteration += 1
         it_start = time.time()
         # ALGO LOGIC: experience until episodes_per_update episodes have ended, then one PPO update on all of it
         batch, next_obs = rollout(policy, envs, next_obs, args.episodes_per_update, args.gamma)
         torch.set_num_threads(max(args.torch_threads, os.cpu_count() or 1))  # the env workers idle during the update
         data = advantages(policy, critic, scaler, batch, args)
         if not stats["critic_ready"]:  # warm-up ends once the critic predicts fresh returns, or after a bounded wait
-            warmup_done = stats["iteration"] > args.critic_warmup_max
+            warmup_done = iteration > args.critic_warmup_max
             stats["critic_ready"] = warmup_done or data["explained_variance"] >= args.critic_warmup_ev
         signal = has_learning_signal(batch["ep_return"], args.signal_min_return_std)
         update_actor = stats["critic_ready"] and signal
@@ -1121,7 +1142,7 @@ if __name__ == "__main__":
             "charts/env_steps_per_s": batch["env_steps"] / it_time,
             "charts/env_seconds": env_time,
             "charts/network_seconds": it_time - env_time,
-            "charts/iteration": stats["iteration"],
+            "charts/iteration": iteration,
             "charts/actor_updated": float(update_actor),
             "losses/explained_variance": data["explained_variance"],
             **{f"losses/{k}": float(np.mean(v)) for k, v in logs.items() if isinstance(v, list) and v},
@@ -1129,7 +1150,7 @@ if __name__ == "__main__":
         charts.update({f"charts/{k}": v for k, v in policy.log_scalars().items()})
         for tag, value in charts.items():
             writer.add_scalar(tag, value, stats["env_steps"])
-        line = (f"iter {stats['iteration']}/{args.total_iterations}: train success {charts['charts/train_success_rate']:.2f} "
+        line = (f"iter {iteration}/{args.total_iterations}: train success {charts['charts/train_success_rate']:.2f} "
                 f"({len(batch['ep_success'])} eps, {data['adv'].numel()} chunks), {stats['env_steps']} env steps, "
                 f"{batch['env_steps'] / it_time:.0f} steps/s, env {env_time:.1f}s net {it_time - env_time:.1f}s, "
                 f"{''.join(f'{k} {v:.3f}, ' for k, v in policy.log_scalars().items())}v_loss {charts['losses/value_loss']:.4f} ev {data['explained_variance']:.2f}")
@@ -1140,14 +1161,7 @@ if __name__ == "__main__":
             line += ", critic warm-up: actor not updated"
         else:
             line += ", no learning signal (returns alike): actor not updated"
-        if stats["iteration"] % args.eval_every == 0 or stats["iteration"] == args.total_iterations or out_of_time():
-            line += " | " + run_eval()
-            next_obs, _ = envs.reset()
-            scaler.ret[:] = 0
-        print(line, flush=True)
-        save("last.pt")
 
-    save("last.pt")
     envs.close()
     writer.close()
     print(f"done: BC {stats['bc_success']:.2f}, final {stats['eval_success']:.2f}, best {stats['best_success']:.2f}, "
