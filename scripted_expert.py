@@ -95,6 +95,8 @@ class ScriptedExpert:
     PUSH_INSET = 0.025  # and at this far inside its front rim
     PUSH_LEAD = 0.05  # plus this much further on, so they keep pressing
     STAGE_CLEAR = 0.06  # an object this close to where a drawer will be once open is first set aside this far from it
+    GRASP_YAWS = np.radians([15, 25])  # a grasp across a side may also turn the hand this far either way ...
+    YAW_COST = 0.01  # ... when that gains this much clearance (m) from the other bodies, or any where all else collides
     TURN_COST = 0.01  # preference per radian of hand turn, when a grasp is planned again on the way (a settling bowl)
     KNOB_ROOM = 0.02  # a knob is pushed where the closed fingers' start keeps this much room from the rest of the object
     KNOB_DZ = 0.008  # and this far below the top of the part pushed
@@ -244,10 +246,16 @@ class ScriptedExpert:
         side_z = max(hi_z - 0.035, lo_z + 0.5 * (hi_z - lo_z))  # fingertips for a grasp across the sides
         for k in range(2):
             if widths[k] < self.GRIPPER_SPAN:  # fingers close across axis k; slide along the other
-                axis, other = vecs[:, k], vecs[:, 1 - k]
                 reach = max(widths[1 - k] / 2 - 0.01, 0.0)
-                for s in np.linspace(-1, 1, 9) * reach:
-                    cands.append((np.array([*(center_xy + s * other), side_z]), axis, 0.2 * abs(s) + 0.002 * k))
+                # the hand turned a little about the vertical, where the object still fits between the fingers:
+                # its ends swing clear of tall neighbours at both of a small box's sides (libero_10_1's cream cheese)
+                for yaw in (0.0, *self.GRASP_YAWS, *-self.GRASP_YAWS):
+                    axis, other = rotz(yaw)[:2, :2] @ vecs[:, k], rotz(yaw)[:2, :2] @ vecs[:, 1 - k]
+                    if yaw and np.ptp(xy @ axis) >= self.GRIPPER_SPAN:
+                        continue
+                    for s in np.linspace(-1, 1, 9) * reach:
+                        pen = 0.2 * abs(s) + 0.002 * k + (self.YAW_COST if yaw else 0.0)
+                        cands.append((np.array([*(center_xy + s * other), side_z]), axis, pen))
         if not cands and hi_z - lo_z > self.TALL:  # tall, and too wide as a whole (a pot with a handle and a spout)
             cands = self._strip_grasps(obj, center_xy, vecs, side_z)
         # too wide to span and too flat to pinch (a plate), with a spot on the table as the target: push it there
@@ -300,7 +308,11 @@ class ScriptedExpert:
         def turn(u):  # radians between a candidate's hand orientation and keep_R
             return 0.0 if keep_R is None else float(np.linalg.norm(axisangle(self._finger_axis_R(u) @ keep_R.T)))
 
-        grasp, close_dir, _ = max(cands, key=lambda c: min(clearance(c[0], c[1]), 0.03) - c[2] - self.TURN_COST * turn(c[1]))
+        def preference(c):  # a grasp the hand reaches without touching another body first, then clearance against cost
+            clear = clearance(c[0], c[1])
+            return clear > 0, min(clear, 0.03) - c[2] - self.TURN_COST * turn(c[1])
+
+        grasp, close_dir, _ = max(cands, key=preference)
         self.R_grasp = self.R_place = self._finger_axis_R(close_dir)
         self.grasp = grasp
         self.obj_at_plan = self.d.xpos[self.env.obj_body_id[obj]].copy()
