@@ -250,7 +250,7 @@ class ScriptedExpert:
                 # the hand turned a little about the vertical, where the object still fits between the fingers:
                 # its ends swing clear of tall neighbours at both of a small box's sides (libero_10_1's cream cheese)
                 for yaw in (0.0, *self.GRASP_YAWS, *-self.GRASP_YAWS):
-                    axis, other = rotz(yaw)[:2, :2] @ vecs[:, k], rotz(yaw)[:2, :2] @ vecs[:, 1 - k]
+                    axis, other = (rotz(yaw)[:2, :2] @ vecs[:, [k, 1 - k]]).T  # the two axes, turned
                     if yaw and np.ptp(xy @ axis) >= self.GRIPPER_SPAN:
                         continue
                     for s in np.linspace(-1, 1, 9) * reach:
