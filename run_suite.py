@@ -442,6 +442,9 @@ def compare_suites(dirs):
             # RL experts: best deterministic evaluation on the 50 init states; the scripted expert: its demos' kept / tried
             expert_success=demos_success if source == "scripted" else sum(rows[t]["expert_success"] for t in tasks) / len(tasks),
             demos_success=demos_success,
+            per_task_expert={t: dict(demos_success=rows[t]["demos_kept"] / rows[t]["demos_tried"],
+                                     **{k: rows[t][k] for k in ("bc_success", "expert_success", "expert_env_steps") if k in rows[t]},
+                                     minutes={k: round(m, 1) for k, m in rows[t]["minutes"].items()}) for t in tasks},
             smoothness={k: dict(mean=sum(rows[t]["metrics"][k]["mean"] for t in tasks) / len(tasks),
                                 spread=sum(rows[t]["metrics"][k]["std"] for t in tasks) / len(tasks)) for k in SMOOTHNESS},
             minutes=dict(stages=round(sum(sum(rows[t]["minutes"].values()) for t in tasks), 1), vla_train=round(vla_train, 1),
@@ -460,7 +463,7 @@ def plot_compare(table, path):
 
     sources = list(table["sources"])
     rows = [table["sources"][s] for s in sources]
-    fig, (ax, ax_smooth) = plt.subplots(1, 2, figsize=(10, 3.4))
+    fig, (ax, ax_smooth) = plt.subplots(1, 2, figsize=(10, 3.8))
     x = range(len(sources))
     ax.bar(x, [r["vla_success"] for r in rows], color="tab:blue", alpha=0.7, label="VLA")
     ax.errorbar(x, [r["vla_success"] for r in rows], fmt="none", ecolor="k", capsize=4,
@@ -474,7 +477,7 @@ def plot_compare(table, path):
         ax_smooth.bar([j + i * width for j in range(len(SMOOTHNESS))], [r["smoothness"][k]["mean"] / t for k, t in zip(SMOOTHNESS, top)],
                       width, yerr=[r["smoothness"][k]["spread"] / t for k, t in zip(SMOOTHNESS, top)], capsize=2, label=source)
     ax_smooth.set_xticks([j + 0.4 - width / 2 for j in range(len(SMOOTHNESS))], SMOOTHNESS, fontsize=8)
-    ax_smooth.set_ylabel("relative to the largest (lower: smoother, shorter)"), ax_smooth.legend(fontsize=8), ax_smooth.grid(alpha=0.3)
+    ax_smooth.set_ylabel("/ the largest source (lower: smoother)", fontsize=9), ax_smooth.legend(fontsize=8), ax_smooth.grid(alpha=0.3)
     fig.suptitle(f"{table['demos_per_task']} demos per task: {' '.join(t.replace('libero_', '') for t in table['tasks'])}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

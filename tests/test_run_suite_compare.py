@@ -52,6 +52,9 @@ def test_the_table_pools_episodes_and_averages_tasks(tmp_path):
     assert scripted["smoothness"]["path_length"] == pytest.approx(dict(mean=0.5, spread=0.2))
     assert scripted["expert_success"] == scripted["demos_success"] == 0.5  # kept 2 of 4 on both tasks
     assert dppo["expert_success"] == pytest.approx(0.8) and gauss["expert_success"] == pytest.approx(0.4)
+    minutes = {"demos": 3.0, "report": 0.5}
+    assert dppo["per_task_expert"]["libero_spatial_1"] == dict(demos_success=0.5, bc_success=0.5, expert_success=0.7, minutes=minutes)
+    assert scripted["per_task_expert"]["libero_spatial_0"] == dict(demos_success=0.5, minutes=minutes)
     assert dppo["minutes"] == dict(stages=7.0, vla_train=20.0, vla_eval=4.0)
     assert table["command"].startswith("python run_suite.py --compare")
     assert (tmp_path / "docs" / "table.png").stat().st_size > 10_000
