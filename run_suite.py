@@ -433,7 +433,10 @@ def compare_suites(dirs):
                             f"({' '.join(short or tasks)}): every source needs the same demos and evaluation episodes per task")
         successes, episodes = sum(r["successes"] for r in per_task.values()), sum(episodes_per_task.values())
         vla_train = read_json(os.path.join(d, "vla", "stages.json"), {}).get("train_minutes", 0)
-        demos_success = sum(rows[t]["demos_kept"] / rows[t]["demos_tried"] for t in tasks) / len(tasks)
+        per_task_expert = {t: dict(demos_success=rows[t]["demos_kept"] / rows[t]["demos_tried"],
+                                   **{k: rows[t][k] for k in ("bc_success", "expert_success", "expert_env_steps") if k in rows[t]},
+                                   minutes={k: round(m, 1) for k, m in rows[t]["minutes"].items()}) for t in tasks}
+        demos_success = sum(e["demos_success"] for e in per_task_expert.values()) / len(tasks)
         table["sources"][source] = dict(
             vla_success=successes / episodes, vla_ci95=list(wilson_interval(successes, episodes)), episodes=episodes,
             successes=successes,
@@ -442,9 +445,7 @@ def compare_suites(dirs):
             # RL experts: best deterministic evaluation on the 50 init states; the scripted expert: its demos' kept / tried
             expert_success=demos_success if source == "scripted" else sum(rows[t]["expert_success"] for t in tasks) / len(tasks),
             demos_success=demos_success,
-            per_task_expert={t: dict(demos_success=rows[t]["demos_kept"] / rows[t]["demos_tried"],
-                                     **{k: rows[t][k] for k in ("bc_success", "expert_success", "expert_env_steps") if k in rows[t]},
-                                     minutes={k: round(m, 1) for k, m in rows[t]["minutes"].items()}) for t in tasks},
+            per_task_expert=per_task_expert,
             smoothness={k: dict(mean=sum(rows[t]["metrics"][k]["mean"] for t in tasks) / len(tasks),
                                 spread=sum(rows[t]["metrics"][k]["std"] for t in tasks) / len(tasks)) for k in SMOOTHNESS},
             minutes=dict(stages=round(sum(sum(rows[t]["minutes"].values()) for t in tasks), 1), vla_train=round(vla_train, 1),
