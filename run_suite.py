@@ -432,7 +432,8 @@ def compare_suites(dirs):
             raise UserError(f"'{d}' has {'other demo counts' if short else 'other evaluation episode counts'} than '{first}' "
                             f"({' '.join(short or tasks)}): every source needs the same demos and evaluation episodes per task")
         successes, episodes = sum(r["successes"] for r in per_task.values()), sum(episodes_per_task.values())
-        vla_train = read_json(os.path.join(d, "vla", "stages.json"), {}).get("train_minutes", 0)
+        vla_state = read_json(os.path.join(d, "vla", "stages.json"), {})
+        vla_train, vla_eval = vla_state.get("train_minutes", 0), vla_state.get("eval_minutes", vla.get("eval_minutes", 0))
         per_task_expert = {t: dict(demos_success=rows[t]["demos_kept"] / rows[t]["demos_tried"],
                                    **{k: rows[t][k] for k in ("bc_success", "expert_success", "expert_env_steps") if k in rows[t]},
                                    minutes={k: round(m, 1) for k, m in rows[t]["minutes"].items()}) for t in tasks}
@@ -449,7 +450,7 @@ def compare_suites(dirs):
             smoothness={k: dict(mean=sum(rows[t]["metrics"][k]["mean"] for t in tasks) / len(tasks),
                                 spread=sum(rows[t]["metrics"][k]["std"] for t in tasks) / len(tasks)) for k in SMOOTHNESS},
             minutes=dict(stages=round(sum(sum(rows[t]["minutes"].values()) for t in tasks), 1), vla_train=round(vla_train, 1),
-                         vla_eval=round(vla.get("eval_minutes", 0), 1)),
+                         vla_eval=round(vla_eval, 1)),
             out_dir=d, command=summary["command"])
     return table
 
@@ -674,15 +675,19 @@ if __name__ == "__main__":
                 cmd = [sys.executable, os.path.join(HERE, "eval_libero.py"), "--checkpoint-path", checkpoint, "--tasks",
                        *ok, "--num-workers", str(node_cpus), "--results-path", results, *shlex.split(args.eval_args)]
                 print("vla eval: queued", flush=True)
+                # eval_libero.py resumes from the episodes already in its results file: the minutes add up across runs
+                earlier = vla_state.get("eval_minutes", 0) if os.path.isfile(results) else 0
                 ref = remote_stage.options(num_cpus=node_cpus).remote(cmd, os.path.join(vla_dir, "logs", "eval.log"))
                 rc, seconds = ray.get(ref)
+                vla_state["eval_minutes"] = earlier + seconds / 60
+                write_json(os.path.join(vla_dir, "stages.json"), vla_state)
                 if rc != 0:
                     vla.update(status="failed", log=os.path.join(vla_dir, "logs", "eval.log"))
                     print(f"vla eval: FAILED (exit {rc}); last lines:\n{log_tail(vla['log'])}", flush=True)
                 else:
                     r = read_json(results)
                     vla.update(status="done", checkpoint=checkpoint, average_success=r["average"],
-                               per_task={t: r["tasks"][t]["success_rate"] for t in ok}, eval_minutes=seconds / 60)
+                               per_task={t: r["tasks"][t]["success_rate"] for t in ok}, eval_minutes=vla_state["eval_minutes"])
                     print(f"vla eval: done in {seconds / 60:.1f} min: average success {r['average']:.3f}", flush=True)
     except KeyboardInterrupt:
         for ref in pending:

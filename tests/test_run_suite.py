@@ -80,10 +80,10 @@ def test_a_failing_task_does_not_stop_the_others(tmp_path):
     --vla trains and scores the VLA on the task that made its demos, and --compare reads that suite."""
     out = tmp_path / "suite"
     (out / "libero_spatial_1" / "libero_spatial_1_scripted.hdf5").mkdir(parents=True)
-    r = run(SCRIPT, ["--tasks", "libero_spatial_0", "libero_spatial_1", "--source", "scripted", "--num-demos", "1", *SMALL,
-             "--out-dir", str(out), "--results-path", str(tmp_path / "results" / "r.json"), "--vla",
-             "--vla-args=--num-steps 1 --batch-size 4 --channels 8 --head-dim 32", "--eval-args=--num-episodes 1 --max-steps 8"],
-            tmp_path)
+    cmd = ["--tasks", "libero_spatial_0", "libero_spatial_1", "--source", "scripted", "--num-demos", "1", *SMALL,
+           "--out-dir", str(out), "--results-path", str(tmp_path / "results" / "r.json"), "--vla",
+           "--vla-args=--num-steps 1 --batch-size 4 --channels 8 --head-dim 32", "--eval-args=--num-episodes 1 --max-steps 8"]
+    r = run(SCRIPT, cmd, tmp_path)
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
     results = json.loads((tmp_path / "results" / "r.json").read_text())["tasks"]
     assert list(results) == ["libero_spatial_0"]  # the finished task's demos figures, merged as they came
@@ -108,6 +108,16 @@ def test_a_failing_task_does_not_stop_the_others(tmp_path):
     assert row["per_task_vla_success"] == {"libero_spatial_0": evaluation["libero_spatial_0"]["success_rate"]}
     assert row["smoothness"]["episode_length"]["mean"] == results["libero_spatial_0"]["demos_metrics"]["episode_length"]["mean"]
     assert row["minutes"]["vla_train"] > 0 and row["minutes"]["vla_eval"] > 0
+    first_eval = json.loads((out / "vla" / "stages.json").read_text())["eval_minutes"]
+    assert first_eval == pytest.approx(summary["vla"]["eval_minutes"])
+
+    # The same command again: the VLA is kept and its evaluation has no episode left to run; the
+    # evaluation's minutes add this run's to the first run's instead of replacing them.
+    r = run(SCRIPT, cmd, tmp_path)
+    assert r.returncode == 1 and "vla train: done already" in r.stdout
+    assert json.loads((out / "vla" / "eval.json").read_text())["tasks"] == evaluation
+    again = json.loads((out / "vla" / "stages.json").read_text())["eval_minutes"]
+    assert again > first_eval and json.loads((out / "summary.json").read_text())["vla"]["eval_minutes"] == again
 
 
 def test_diffusion_ppo_chain_hands_its_expert_on_and_resumes(tmp_path):
